@@ -1,0 +1,317 @@
+"""The refund rules of API.md section 3, in plain Python.
+
+Nothing here imports grpc or sqlalchemy: the stores read a snapshot of an
+order under a lock, ask `decide` what to do, and apply the decision with
+statements that the database itself guards (a unique refund per order, a
+balance update that cannot go below zero).
+
+Money is integer minor units of the currency (HKD 76.19 is 7619); decimal text
+is accepted and produced only at the edges of this module.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+
+
+class ResponseCode(enum.Enum):
+    """API.md section 4: the value is the 4-digit code, the name its message."""
+
+    SUCCESS = "0000"
+    INVALID_REQUEST = "1001"
+    INVALID_AMOUNT = "1002"
+    IDEMPOTENCY_CONFLICT = "1003"
+    AUTHENTICATION_FAILED = "2001"
+    MERCHANT_INACTIVE = "2002"
+    REQUEST_EXPIRED = "2003"
+    ORDER_NOT_FOUND = "3001"
+    ORDER_NOT_REFUNDABLE = "3002"
+    ALREADY_REFUNDED = "3003"
+    REFUND_NOT_SUPPORTED = "4001"
+    PARTIAL_REFUND_NOT_SUPPORTED = "4002"
+    AMOUNT_EXCEEDS_ORDER = "4003"
+    INSUFFICIENT_BALANCE = "4004"
+    SERVICE_UNAVAILABLE = "9001"
+    SYSTEM_ERROR = "9999"
+
+    @classmethod
+    def by_name(cls, name: str) -> "ResponseCode":
+        return cls[name]
+
+
+class RefundCapability(enum.Enum):
+    NONE = "NONE"
+    FULL_ONLY = "FULL_ONLY"
+    FULL_AND_PARTIAL = "FULL_AND_PARTIAL"
+
+
+class OrderStatus(enum.Enum):
+    OPEN = "OPEN"
+    SUCCESS = "SUCCESS"
+    SETTLED = "SETTLED"
+    VOIDED = "VOIDED"
+    CLOSED = "CLOSED"
+    REFUNDED = "REFUNDED"
+    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
+
+
+REFUNDABLE_STATUSES = frozenset({OrderStatus.SUCCESS.value, OrderStatus.SETTLED.value})
+REFUNDED_STATUSES = frozenset({OrderStatus.REFUNDED.value, OrderStatus.PARTIALLY_REFUNDED.value})
+
+# ISO 4217 minor units. Codes not listed here have 2; codes not in
+# KNOWN_CURRENCIES are refused.
+_MINOR_UNITS_EXCEPTIONS = {
+    **dict.fromkeys(
+        "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF".split(), 0
+    ),
+    **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 3),
+    **dict.fromkeys("CLF UYW".split(), 4),
+}
+KNOWN_CURRENCIES = frozenset(
+    """AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD
+    BTN BWP BYN BZD CAD CDF CHF CLF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN
+    ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR
+    ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL
+    MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN
+    PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP
+    STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYI UYU UYW UZS VED
+    VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWG""".split()
+)
+
+# Amounts are stored as signed 64-bit integers of minor units.
+MAX_MINOR_UNITS = 2**63 - 1
+
+
+class DomainError(Exception):
+    """A request the rules refuse before any order is looked at."""
+
+    code = ResponseCode.INVALID_REQUEST
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(DomainError):
+    code = ResponseCode.INVALID_REQUEST
+
+
+class InvalidAmount(DomainError):
+    code = ResponseCode.INVALID_AMOUNT
+
+
+def minor_units(currency: str) -> int:
+    if currency not in KNOWN_CURRENCIES:
+        raise InvalidRequest(f"unknown currency {currency!r}")
+    return _MINOR_UNITS_EXCEPTIONS.get(currency, 2)
+
+
+def parse_decimal(amount: str | Decimal) -> Decimal:
+    """A positive finite decimal, from text such as "76.19" or a Decimal."""
+    if isinstance(amount, Decimal):
+        value = amount
+    else:
+        text = amount.strip() if isinstance(amount, str) else None
+        if not text or len(text) > 64:
+            raise InvalidAmount("amount must be a positive decimal number")
+        try:
+            value = Decimal(text)
+        except InvalidOperation:
+            raise InvalidAmount("amount must be a positive decimal number") from None
+    if not value.is_finite():
+        raise InvalidAmount("amount must be finite")
+    if value <= 0:
+        raise InvalidAmount("amount must be greater than zero")
+    return value
+
+
+def to_minor(amount: str | Decimal, currency: str) -> int:
+    """Exact minor units of `amount` in `currency`; InvalidAmount if it has
+    more decimals than the currency, or is not positive and finite."""
+    value = parse_decimal(amount)
+    digits = minor_units(currency)
+    # Check the magnitude first so that 1e999999 never builds a huge integer,
+    # then work on the exact coefficient: Decimal arithmetic would round to
+    # 28 digits and could hide a stray decimal.
+    if value.adjusted() > 19:
+        raise InvalidAmount("amount is too large")
+    _, coefficient_digits, exponent = value.as_tuple()
+    if len(coefficient_digits) > 40:
+        raise InvalidAmount("amount has too many digits")
+    coefficient = int("".join(map(str, coefficient_digits)))
+    shift = exponent + digits
+    if shift >= 0:
+        units = coefficient * 10**shift
+    else:
+        units, remainder = divmod(coefficient, 10**-shift)
+        if remainder:
+            raise InvalidAmount(f"amount has more than {digits} decimals for {currency}")
+    if units > MAX_MINOR_UNITS:
+        raise InvalidAmount("amount is too large")
+    return units
+
+
+def format_minor(units: int, currency: str) -> str:
+    """Decimal text of `units` with exactly the currency's decimals: 7619 HKD -> "76.19"."""
+    digits = minor_units(currency)
+    sign = "-" if units < 0 else ""
+    whole, frac = divmod(abs(units), 10**digits)
+    return f"{sign}{whole}.{frac:0{digits}d}" if digits else f"{sign}{whole}"
+
+
+_MASKED_PAN = re.compile(r"^\d{0,6}[*X]{1,15}\d{0,4}$")
+_STAN = re.compile(r"^\d{6}$")
+
+
+def check_masked_pan(masked_pan: str) -> str:
+    """An empty string or a PAN that shows at most its first six and last four digits."""
+    if masked_pan and not (_MASKED_PAN.match(masked_pan) and 12 <= len(masked_pan) <= 19):
+        raise InvalidRequest("maskedPan must show at most the first six and last four digits")
+    return masked_pan
+
+
+def check_stan(stan: str) -> str:
+    if not _STAN.match(stan):
+        raise InvalidRequest("stan must be 6 digits")
+    return stan
+
+
+def parse_merchant_id(merchant_id: str | int) -> int:
+    text = str(merchant_id)
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise InvalidRequest("merchantId must be a string of digits")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Order:
+    id: int
+    merchant_id: int
+    merchant_reference: str
+    currency: str
+    amount: int
+    status: str
+    payment_method: str
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True)
+class Transaction:
+    id: int
+    merchant_id: int
+    order_id: int
+    type: str
+    currency: str
+    amount: int
+    status: str
+    masked_pan: str
+    stan: str
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class RefundCommand:
+    """A refund asked for: merchant, one or both order identifiers, amount text."""
+
+    merchant_id: int
+    order_id: int | None
+    merchant_reference: str | None
+    amount: str
+
+    def __post_init__(self):
+        if self.order_id is None and not self.merchant_reference:
+            raise InvalidRequest("orderId or merchantReference is required")
+        if self.order_id is not None and not 0 < self.order_id <= MAX_MINOR_UNITS:
+            raise InvalidRequest("orderId must be a positive integer")
+        if self.merchant_reference is not None and len(self.merchant_reference) > 128:
+            raise InvalidRequest("merchantReference is too long")
+
+
+@dataclass(frozen=True)
+class OrderSnapshot:
+    """What the rules need to know about an order, read under its row lock.
+
+    `refund` is the order's refund transaction, read only when the order's
+    status says it was refunded (an order loaded as REFUNDED may have none)."""
+
+    order: Order
+    refund_capability: str
+    unsettled_balance: int
+    refund: Transaction | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    code: ResponseCode
+    message: str = ""
+    amount: int = 0
+    new_status: str | None = None
+
+    @property
+    def approved(self) -> bool:
+        return self.code is ResponseCode.SUCCESS
+
+
+def decide(command: RefundCommand, snapshot: OrderSnapshot | None) -> Decision:
+    """Apply API.md section 3 to one attempt. Pure: no I/O, no clock."""
+    if snapshot is None or snapshot.order.merchant_id != command.merchant_id:
+        return Decision(ResponseCode.ORDER_NOT_FOUND, "order not found")
+    order = snapshot.order
+    if command.merchant_reference and command.merchant_reference != order.merchant_reference:
+        return Decision(ResponseCode.INVALID_REQUEST, "orderId and merchantReference name different orders")
+    if command.order_id is not None and command.order_id != order.id:
+        return Decision(ResponseCode.INVALID_REQUEST, "orderId and merchantReference name different orders")
+    try:
+        amount = to_minor(command.amount, order.currency)
+    except DomainError as exc:
+        return Decision(exc.code, exc.message)
+    if order.status in REFUNDED_STATUSES or snapshot.refund is not None:
+        return Decision(ResponseCode.ALREADY_REFUNDED, "the order was refunded before")
+    if order.status not in REFUNDABLE_STATUSES:
+        return Decision(ResponseCode.ORDER_NOT_REFUNDABLE, f"order status {order.status} cannot be refunded")
+    capability = RefundCapability(snapshot.refund_capability)
+    if capability is RefundCapability.NONE:
+        return Decision(ResponseCode.REFUND_NOT_SUPPORTED, "the payment method allows no refund")
+    if amount > order.amount:
+        return Decision(ResponseCode.AMOUNT_EXCEEDS_ORDER, "amount is greater than the order amount")
+    full = amount == order.amount
+    if not full and capability is RefundCapability.FULL_ONLY:
+        return Decision(ResponseCode.PARTIAL_REFUND_NOT_SUPPORTED, "the payment method allows full refunds only")
+    if snapshot.unsettled_balance < amount:
+        return Decision(ResponseCode.INSUFFICIENT_BALANCE, "unsettled balance does not cover the amount")
+    new_status = OrderStatus.REFUNDED if full else OrderStatus.PARTIALLY_REFUNDED
+    return Decision(ResponseCode.SUCCESS, "SUCCESS", amount=amount, new_status=new_status.value)
+
+
+INSUFFICIENT_BALANCE = Decision(ResponseCode.INSUFFICIENT_BALANCE, "unsettled balance does not cover the amount")
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    """The answer to an attempt: its code, and the order and transaction when they exist."""
+
+    code: ResponseCode
+    message: str
+    order: Order | None = None
+    transaction: Transaction | None = None
+
+
+def result_of(decision: Decision, snapshot: OrderSnapshot | None, transaction: Transaction | None = None,
+              order: Order | None = None) -> RefundResult:
+    """The result shown to the caller: no order for ORDER_NOT_FOUND (another
+    merchant's order looks exactly like a missing one), the earlier refund
+    for ALREADY_REFUNDED, the new refund for SUCCESS."""
+    if decision.code is ResponseCode.ORDER_NOT_FOUND or snapshot is None:
+        return RefundResult(decision.code, decision.message)
+    if decision.code is ResponseCode.ALREADY_REFUNDED:
+        transaction = snapshot.refund
+    return RefundResult(decision.code, decision.message, order or snapshot.order, transaction)
+
+
+def refunded_order(order: Order, decision: Decision, now: datetime) -> Order:
+    return replace(order, status=decision.new_status, update_time=now)

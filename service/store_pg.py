@@ -1,0 +1,256 @@
+"""PostgreSQL store on asyncpg: fixed, prepared statements, no ORM objects.
+
+A refund is one transaction in READ COMMITTED:
+1. lock the order row (`FOR UPDATE OF o`): attempts on one order queue here,
+   and each reads the order as the previous one left it;
+2. read the balance (and the earlier refund, when the order says refunded)
+   in a statement that starts after the lock is held, so it is current;
+3. `domain.decide`;
+4. one statement that debits the balance only where it covers the amount
+   (`unsettled >= $amount`), and only then marks the order, inserts the
+   refund transaction and the audit row; a declined attempt inserts only its
+   audit row. The unique index `uq_one_refund_per_order` and the check
+   `unsettled >= 0` stand behind both rules in case any code path is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from service import domain
+from service.store import (
+    InsufficientBalance,
+    MerchantCredentials,
+    Sale,
+    SaleConflict,
+    StoreUnavailable,
+    same_sale,
+    stan_for,
+    utc_now,
+)
+
+_ORDER_COLUMNS = ("o.id, o.merchant_id, o.merchant_reference, o.currency, o.amount, o.status, "
+                  "o.payment_method, o.create_time, o.update_time")
+_TXN_COLUMNS = "t.id, t.merchant_id, t.order_id, t.type, t.currency, t.amount, t.status, t.masked_pan, t.stan, t.create_time"
+
+LOCK_BY_ID = f"""
+SELECT {_ORDER_COLUMNS}, pm.refund_capability
+FROM orders o JOIN payment_methods pm ON pm.code = o.payment_method
+WHERE o.merchant_id = $1 AND o.id = $2
+FOR UPDATE OF o"""
+
+LOCK_BY_REFERENCE = f"""
+SELECT {_ORDER_COLUMNS}, pm.refund_capability
+FROM orders o JOIN payment_methods pm ON pm.code = o.payment_method
+WHERE o.merchant_id = $1 AND o.merchant_reference = $2
+FOR UPDATE OF o"""
+
+BALANCE = "SELECT unsettled FROM balances WHERE merchant_id = $1 AND currency = $2"
+
+REFUND_OF_ORDER = f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = $1 AND t.type = 'REFUND'"
+
+# $1 merchant, $2 order, $3 currency, $4 amount, $5 new status, $6 now,
+# $7 requested reference, $8 requested amount text
+APPLY_REFUND = """
+WITH debit AS (
+    UPDATE balances SET unsettled = unsettled - $4
+    WHERE merchant_id = $1 AND currency = $3 AND unsettled >= $4
+    RETURNING 1
+), marked AS (
+    UPDATE orders SET status = $5, update_time = $6
+    WHERE id = $2 AND merchant_id = $1 AND status IN ('SUCCESS', 'SETTLED') AND EXISTS (SELECT 1 FROM debit)
+    RETURNING id
+), new_id AS (
+    SELECT nextval(pg_get_serial_sequence('transactions', 'id')) AS id FROM marked
+), refund AS (
+    INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
+    SELECT new_id.id, $2, $1, 'REFUND', $3, $4, 'SUCCESS',
+           COALESCE((SELECT masked_pan FROM transactions WHERE order_id = $2 AND type = 'SALE' LIMIT 1), ''),
+           lpad((new_id.id % 1000000)::text, 6, '0'), $6
+    FROM new_id
+    RETURNING id, masked_pan, stan
+), audit AS (
+    INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+    SELECT $1, $2, $7, $8, CASE WHEN EXISTS (SELECT 1 FROM refund) THEN '0000' ELSE '4004' END,
+           (SELECT id FROM refund), $6
+)
+SELECT debited.n AS debited, refund.id, refund.masked_pan, refund.stan
+FROM (SELECT count(*) AS n FROM debit) AS debited LEFT JOIN refund ON true"""
+
+AUDIT = """
+INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+def _order(row) -> domain.Order:
+    return domain.Order(*row[:9])
+
+
+def _transaction(row) -> domain.Transaction:
+    return domain.Transaction(*row[:10])
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool, command_timeout: float):
+        self._pool = pool
+        self._timeout = command_timeout
+
+    @classmethod
+    async def open(cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0,
+                   connect: bool = True) -> "PostgresStore":
+        parsed = make_url(url)
+        kwargs = dict(
+            host=parsed.host or "127.0.0.1",
+            port=parsed.port or 5432,
+            user=parsed.username,
+            password=parsed.password,
+            database=parsed.database,
+            min_size=min_size if connect else 0,
+            max_size=max_size,
+            command_timeout=command_timeout,
+            timeout=command_timeout,
+            server_settings={"application_name": "refund-service"},
+        )
+        try:
+            pool = await asyncpg.create_pool(**kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return cls(pool, command_timeout)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self):
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as connection:
+                yield connection
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    async def refund(self, command: domain.RefundCommand) -> domain.RefundResult:
+        now = utc_now()
+        async with self._connection() as conn, conn.transaction():
+            if command.order_id is not None:
+                row = await conn.fetchrow(LOCK_BY_ID, command.merchant_id, command.order_id)
+            else:
+                row = await conn.fetchrow(LOCK_BY_REFERENCE, command.merchant_id, command.merchant_reference)
+            snapshot = None
+            if row is not None:
+                order = _order(row)
+                balance = await conn.fetchval(BALANCE, order.merchant_id, order.currency)
+                refund = None
+                if order.status in domain.REFUNDED_STATUSES:
+                    refund_row = await conn.fetchrow(REFUND_OF_ORDER, order.id)
+                    refund = _transaction(refund_row) if refund_row else None
+                snapshot = domain.OrderSnapshot(order, row["refund_capability"], balance or 0, refund)
+            decision = domain.decide(command, snapshot)
+            order_id = snapshot.order.id if snapshot else command.order_id
+            if not decision.approved:
+                await conn.execute(AUDIT, command.merchant_id, order_id, command.merchant_reference,
+                                   command.amount[:64], decision.code.value, None, now)
+                return domain.result_of(decision, snapshot)
+            applied = await conn.fetchrow(
+                APPLY_REFUND, command.merchant_id, order_id, snapshot.order.currency, decision.amount,
+                decision.new_status, now, command.merchant_reference, command.amount[:64])
+            if not applied["debited"]:  # the balance fell below the amount since it was read
+                return domain.result_of(domain.INSUFFICIENT_BALANCE, snapshot)
+            if applied["id"] is None:  # cannot happen under the row lock; never commit half a refund
+                raise RuntimeError("balance debited but the order was not marked refunded")
+            order = domain.refunded_order(snapshot.order, decision, now)
+            refund = domain.Transaction(applied["id"], order.merchant_id, order.id, "REFUND", order.currency,
+                                        decision.amount, "SUCCESS", applied["masked_pan"], applied["stan"], now)
+            return domain.result_of(decision, snapshot, refund, order)
+
+    async def get_order(self, merchant_id, order_id, merchant_reference):
+        async with self._connection() as conn:
+            if order_id is not None:
+                row = await conn.fetchrow(f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = $1 AND o.id = $2",
+                                          merchant_id, order_id)
+            else:
+                row = await conn.fetchrow(
+                    f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = $1 AND o.merchant_reference = $2",
+                    merchant_id, merchant_reference)
+            if row is None:
+                return None
+            order = _order(row)
+            rows = await conn.fetch(f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = $1 ORDER BY t.id",
+                                    order.id)
+            return order, [_transaction(r) for r in rows]
+
+    async def record_sale(self, sale: Sale):
+        try:
+            return await self._record_sale(sale)
+        except asyncpg.ForeignKeyViolationError:
+            raise domain.InvalidRequest("unknown merchant or payment method") from None
+
+    async def _record_sale(self, sale: Sale):
+        now = utc_now()
+        async with self._connection() as conn, conn.transaction():
+            inserted = await conn.fetchrow(
+                f"""INSERT INTO orders AS o (id, merchant_id, merchant_reference, currency, amount, status,
+                                           payment_method, create_time, update_time)
+                    VALUES ($1, $2, $3, $4, $5, 'SUCCESS', $6, $7, $7)
+                    ON CONFLICT DO NOTHING RETURNING {_ORDER_COLUMNS}""",
+                sale.order_id, sale.merchant_id, sale.merchant_reference, sale.currency, sale.amount,
+                sale.payment_method, sale.create_time)
+            if inserted is None:
+                existing = await conn.fetchrow(
+                    f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.id = $1 OR (o.merchant_id = $2 AND o.merchant_reference = $3)",
+                    sale.order_id, sale.merchant_id, sale.merchant_reference)
+                if existing is None or not same_sale(_order(existing), sale):
+                    raise SaleConflict("order id or merchant reference already used by another order")
+                order = _order(existing)
+                txn = await conn.fetchrow(
+                    f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = $1 AND t.type = 'SALE'", order.id)
+                balance = await conn.fetchval(BALANCE, order.merchant_id, order.currency)
+                return order, _transaction(txn), balance or 0
+            txn = await conn.fetchrow(
+                f"""INSERT INTO transactions AS t (order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
+                    VALUES ($1, $2, 'SALE', $3, $4, 'SUCCESS', $5, $6, $7) RETURNING {_TXN_COLUMNS}""",
+                sale.order_id, sale.merchant_id, sale.currency, sale.amount, sale.masked_pan, sale.stan, now)
+            balance = await conn.fetchval(
+                """INSERT INTO balances (merchant_id, currency, unsettled) VALUES ($1, $2, $3)
+                   ON CONFLICT (merchant_id, currency) DO UPDATE SET unsettled = balances.unsettled + EXCLUDED.unsettled
+                   RETURNING unsettled""",
+                sale.merchant_id, sale.currency, sale.amount)
+            return _order(inserted), _transaction(txn), balance
+
+    async def settle(self, merchant_id: int, currency: str, amount: int) -> int:
+        async with self._connection() as conn:
+            balance = await conn.fetchval(
+                """UPDATE balances SET unsettled = unsettled - $3
+                   WHERE merchant_id = $1 AND currency = $2 AND unsettled >= $3 RETURNING unsettled""",
+                merchant_id, currency, amount)
+        if balance is None:
+            raise InsufficientBalance("the unsettled balance is lower than the amount")
+        return balance
+
+    async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT m.status, k.public_key_pem FROM merchants m
+                   LEFT JOIN merchant_keys k ON k.merchant_id = m.id AND k.active
+                   WHERE m.id = $1 ORDER BY k.created_at DESC""", merchant_id)
+        if not rows:
+            return None
+        return MerchantCredentials(rows[0]["status"], tuple(r["public_key_pem"] for r in rows if r["public_key_pem"]))
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._pool.close(), 5)

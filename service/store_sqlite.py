@@ -1,0 +1,280 @@
+"""SQLite store: the embedded default.
+
+SQLite allows one writer at a time, so the service runs every statement on one
+dedicated thread with one connection (WAL journal, `synchronous=NORMAL`), and
+each write transaction starts with BEGIN IMMEDIATE: it takes the write lock
+before reading, so the read that decides a refund cannot be overtaken, and
+other processes on the same file (refund-admin) wait on `busy_timeout`
+instead of failing with "database is locked". The same guards as on
+PostgreSQL stand behind the code: the unique refund index and the balance check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+from sqlalchemy.engine import make_url
+
+from service import domain
+from service.store import (
+    InsufficientBalance,
+    MerchantCredentials,
+    Sale,
+    SaleConflict,
+    StoreUnavailable,
+    same_sale,
+    stan_for,
+    utc_now,
+)
+
+_ORDER_COLUMNS = ("o.id, o.merchant_id, o.merchant_reference, o.currency, o.amount, o.status, "
+                  "o.payment_method, o.create_time, o.update_time")
+_TXN_COLUMNS = "t.id, t.merchant_id, t.order_id, t.type, t.currency, t.amount, t.status, t.masked_pan, t.stan, t.create_time"
+
+SNAPSHOT = f"""
+SELECT {_ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0)
+FROM orders o
+JOIN payment_methods pm ON pm.code = o.payment_method
+LEFT JOIN balances b ON b.merchant_id = o.merchant_id AND b.currency = o.currency
+WHERE o.merchant_id = ? AND """
+
+AUDIT = """
+INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)"""
+
+
+def to_text(moment: datetime) -> str:
+    """SQLAlchemy's SQLite datetime format, in UTC."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def from_text(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def _order(row) -> domain.Order:
+    return domain.Order(*row[:7], from_text(row[7]), from_text(row[8]))
+
+
+def _transaction(row) -> domain.Transaction:
+    return domain.Transaction(*row[:9], from_text(row[9]))
+
+
+def connect(path: str, timeout: float = 5.0) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    connection.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    return connection
+
+
+class _WriteTransaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, connection: sqlite3.Connection):
+        self.connection = connection
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.connection.execute("BEGIN IMMEDIATE")
+        return self.connection
+
+    def __exit__(self, exc_type, exc, tb):
+        self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+class SqliteStore:
+    def __init__(self, path: str, timeout: float):
+        self._path = path
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._connection: sqlite3.Connection | None = None
+
+    @classmethod
+    def open(cls, url: str, *, command_timeout: float = 5.0, **_ignored) -> "SqliteStore":
+        database = make_url(url).database
+        if not database or database == ":memory:":
+            raise ValueError("the SQLite URL must name a file, e.g. sqlite:///refund.db")
+        return cls(database, command_timeout)
+
+    async def _run(self, function, *args):
+        """Run `function(connection, *args)` on the SQLite thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._call, function, args)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    def _call(self, function, args):
+        if self._connection is None:
+            self._connection = connect(self._path, self._timeout)
+        return function(self._connection, *args)
+
+    # -- refund --------------------------------------------------------------
+
+    async def refund(self, command: domain.RefundCommand) -> domain.RefundResult:
+        return await self._run(self._refund, command)
+
+    @staticmethod
+    def _refund(connection: sqlite3.Connection, command: domain.RefundCommand) -> domain.RefundResult:
+        now = utc_now()
+        with _WriteTransaction(connection) as db:
+            if command.order_id is not None:
+                row = db.execute(SNAPSHOT + "o.id = ?", (command.merchant_id, command.order_id)).fetchone()
+            else:
+                row = db.execute(SNAPSHOT + "o.merchant_reference = ?",
+                                 (command.merchant_id, command.merchant_reference)).fetchone()
+            snapshot = None
+            if row is not None:
+                order = _order(row)
+                refund = None
+                if order.status in domain.REFUNDED_STATUSES:
+                    refund_row = db.execute(f"SELECT {_TXN_COLUMNS} FROM transactions t "
+                                            "WHERE t.order_id = ? AND t.type = 'REFUND'", (order.id,)).fetchone()
+                    refund = _transaction(refund_row) if refund_row else None
+                snapshot = domain.OrderSnapshot(order, row[9], row[10], refund)
+            decision = domain.decide(command, snapshot)
+            order_id = snapshot.order.id if snapshot else command.order_id
+            if not decision.approved:
+                db.execute(AUDIT, (command.merchant_id, order_id, command.merchant_reference, command.amount[:64],
+                                   decision.code.value, None, to_text(now)))
+                return domain.result_of(decision, snapshot)
+            order = snapshot.order
+            debited = db.execute(
+                "UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?",
+                (decision.amount, order.merchant_id, order.currency, decision.amount)).rowcount
+            if debited != 1:  # cannot happen while we hold the write lock; never commit half a refund
+                raise RuntimeError("balance changed under the write lock")
+            marked = db.execute(
+                "UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND status IN ('SUCCESS', 'SETTLED')",
+                (decision.new_status, to_text(now), order.id)).rowcount
+            if marked != 1:
+                raise RuntimeError("order changed under the write lock")
+            sale_pan = db.execute("SELECT masked_pan FROM transactions WHERE order_id = ? AND type = 'SALE'",
+                                  (order.id,)).fetchone()
+            refund_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM transactions").fetchone()[0]
+            refund = domain.Transaction(refund_id, order.merchant_id, order.id, "REFUND", order.currency,
+                                        decision.amount, "SUCCESS", sale_pan[0] if sale_pan else "",
+                                        stan_for(refund_id), now)
+            db.execute(
+                "INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan,"
+                " create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*_transaction_values(refund),))
+            db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount[:64],
+                               decision.code.value, refund_id, to_text(now)))
+            return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
+
+    # -- reads ---------------------------------------------------------------
+
+    async def get_order(self, merchant_id, order_id, merchant_reference):
+        return await self._run(self._get_order, merchant_id, order_id, merchant_reference)
+
+    @staticmethod
+    def _get_order(db, merchant_id, order_id, merchant_reference):
+        if order_id is not None:
+            row = db.execute(f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.id = ?",
+                             (merchant_id, order_id)).fetchone()
+        else:
+            row = db.execute(f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.merchant_reference = ?",
+                             (merchant_id, merchant_reference)).fetchone()
+        if row is None:
+            return None
+        order = _order(row)
+        rows = db.execute(f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = ? ORDER BY t.id",
+                          (order.id,)).fetchall()
+        return order, [_transaction(r) for r in rows]
+
+    async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None:
+        return await self._run(self._merchant_credentials, merchant_id)
+
+    @staticmethod
+    def _merchant_credentials(db, merchant_id):
+        rows = db.execute(
+            """SELECT m.status, k.public_key_pem FROM merchants m
+               LEFT JOIN merchant_keys k ON k.merchant_id = m.id AND k.active
+               WHERE m.id = ? ORDER BY k.created_at DESC""", (merchant_id,)).fetchall()
+        if not rows:
+            return None
+        return MerchantCredentials(rows[0][0], tuple(r[1] for r in rows if r[1]))
+
+    # -- sales and settlements -----------------------------------------------
+
+    async def record_sale(self, sale: Sale):
+        return await self._run(self._record_sale, sale)
+
+    @staticmethod
+    def _record_sale(connection, sale: Sale):
+        now = utc_now()
+        with _WriteTransaction(connection) as db:
+            known = db.execute(
+                "SELECT (SELECT 1 FROM merchants WHERE id = ?), (SELECT 1 FROM payment_methods WHERE code = ?)",
+                (sale.merchant_id, sale.payment_method)).fetchone()
+            if known != (1, 1):
+                raise domain.InvalidRequest("unknown merchant or payment method")
+            existing = db.execute(
+                f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.id = ? OR (o.merchant_id = ? AND o.merchant_reference = ?)",
+                (sale.order_id, sale.merchant_id, sale.merchant_reference)).fetchone()
+            if existing is not None:
+                order = _order(existing)
+                if not same_sale(order, sale):
+                    raise SaleConflict("order id or merchant reference already used by another order")
+                txn = db.execute(f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = ? AND t.type = 'SALE'",
+                                 (order.id,)).fetchone()
+                balance = db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
+                                     (order.merchant_id, order.currency)).fetchone()
+                return order, _transaction(txn), balance[0] if balance else 0
+            created = to_text(sale.create_time)
+            db.execute(
+                "INSERT INTO orders (id, merchant_id, merchant_reference, currency, amount, status, payment_method,"
+                " create_time, update_time) VALUES (?, ?, ?, ?, ?, 'SUCCESS', ?, ?, ?)",
+                (sale.order_id, sale.merchant_id, sale.merchant_reference, sale.currency, sale.amount,
+                 sale.payment_method, created, created))
+            txn_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM transactions").fetchone()[0]
+            txn = domain.Transaction(txn_id, sale.merchant_id, sale.order_id, "SALE", sale.currency, sale.amount,
+                                     "SUCCESS", sale.masked_pan, sale.stan, now)
+            db.execute("INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan,"
+                       " stan, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(txn))
+            db.execute(
+                "INSERT INTO balances (merchant_id, currency, unsettled) VALUES (?, ?, ?) ON CONFLICT (merchant_id, "
+                "currency) DO UPDATE SET unsettled = unsettled + excluded.unsettled",
+                (sale.merchant_id, sale.currency, sale.amount))
+            balance = db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
+                                 (sale.merchant_id, sale.currency)).fetchone()[0]
+            order = domain.Order(sale.order_id, sale.merchant_id, sale.merchant_reference, sale.currency, sale.amount,
+                                 "SUCCESS", sale.payment_method, from_text(created), from_text(created))
+            return order, txn, balance
+
+    async def settle(self, merchant_id: int, currency: str, amount: int) -> int:
+        return await self._run(self._settle, merchant_id, currency, amount)
+
+    @staticmethod
+    def _settle(connection, merchant_id, currency, amount):
+        with _WriteTransaction(connection) as db:
+            debited = db.execute(
+                "UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?",
+                (amount, merchant_id, currency, amount)).rowcount
+            if debited != 1:
+                raise InsufficientBalance("the unsettled balance is lower than the amount")
+            return db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
+                              (merchant_id, currency)).fetchone()[0]
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        def _close(db):
+            db.close()
+
+        if self._connection is not None:
+            await self._run(_close)
+            self._connection = None
+        self._executor.shutdown(wait=True)
+
+
+def _transaction_values(txn: domain.Transaction) -> tuple:
+    return (txn.id, txn.order_id, txn.merchant_id, txn.type, txn.currency, txn.amount, txn.status, txn.masked_pan,
+            txn.stan, to_text(txn.create_time))
