@@ -1,0 +1,45 @@
+# Refund gateway: `make run` starts the service on the SQLite default with demo
+# data; `make test` runs every test. Both set up what they need first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+PROTOS := $(wildcard protos/refund/v1/*.proto)
+GENERATED := $(patsubst protos/%.proto,gen/%_pb2.py,$(PROTOS))
+
+.PHONY: help install proto migrate demo run test test-fast lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv and install the project with its test tools
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+proto: $(GENERATED) ## generate the gRPC/protobuf code into gen/ (not committed)
+
+gen/%_pb2.py: protos/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $<
+
+migrate: proto ## create or upgrade the database schema (REFUND_DATABASE_URL, default sqlite:///refund.db)
+	$(BIN)/refund-admin migrate
+
+demo: migrate ## load the demo merchant, its key and orders
+	$(BIN)/refund-admin demo
+
+run: demo ## start the gRPC service (and the HTTP edge) on the SQLite default with demo data
+	$(BIN)/refund-service
+
+test: proto ## run all tests (PostgreSQL tests skip without PostgreSQL unless REFUND_REQUIRE_POSTGRES=1)
+	$(BIN)/pytest
+
+test-fast: proto ## run the tests but the slow storms
+	$(BIN)/pytest -m 'not slow'
+
+clean: ## remove the virtual environment, generated code and local databases
+	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info refund.db refund.db-wal refund.db-shm demo

@@ -1,0 +1,236 @@
+"""What the edge answers: one table from response codes to HTTP statuses, the
+translation of a gRPC outcome into an answer, and the exact JSON rendering.
+
+Amounts cross gRPC as decimal strings in the currency's precision ("76.19",
+"500", "1.250"); they are written into the JSON verbatim, as numbers, and never
+pass through a float. Nothing a backend says that is not ours (a message of a
+gRPC error without our ErrorInfo, an exception text) reaches the merchant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import timezone
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from refund.v1 import refund_pb2
+from service import domain
+from service.domain import ResponseCode
+
+log = logging.getLogger("refund-edge")
+
+# google.rpc.ErrorInfo.domain of the refund service's errors (service.grpc_api.ERROR_DOMAIN).
+ERROR_DOMAIN = "refund.gateway"
+
+# The one table from response codes to HTTP statuses (API.md section 4): the
+# status says whether the gateway could process the request, the code says
+# the outcome.
+HTTP_STATUS = {
+    ResponseCode.SUCCESS: 200,
+    ResponseCode.INVALID_REQUEST: 400,
+    ResponseCode.INVALID_AMOUNT: 400,
+    ResponseCode.IDEMPOTENCY_CONFLICT: 409,
+    ResponseCode.AUTHENTICATION_FAILED: 401,
+    ResponseCode.MERCHANT_INACTIVE: 403,
+    ResponseCode.REQUEST_EXPIRED: 401,
+    ResponseCode.ORDER_NOT_FOUND: 200,
+    ResponseCode.ORDER_NOT_REFUNDABLE: 200,
+    ResponseCode.ALREADY_REFUNDED: 200,
+    ResponseCode.REFUND_NOT_SUPPORTED: 200,
+    ResponseCode.PARTIAL_REFUND_NOT_SUPPORTED: 200,
+    ResponseCode.AMOUNT_EXCEEDS_ORDER: 200,
+    ResponseCode.INSUFFICIENT_BALANCE: 200,
+    ResponseCode.SERVICE_UNAVAILABLE: 503,
+    ResponseCode.SYSTEM_ERROR: 500,
+}
+assert set(HTTP_STATUS) == set(ResponseCode), "every response code needs an HTTP status"
+
+# Gateway-side explanations that replace whatever a backend said.
+UNAVAILABLE_DETAIL = ("the service is unavailable or did not answer in time; retrying is safe "
+                      "(an order is never refunded twice)")
+SYSTEM_ERROR_DETAIL = ("unexpected error; retrying is safe (an order is never refunded twice, "
+                       "a retry after a refund that did happen is answered 3003 with it)")
+
+_RETRYABLE_WITHOUT_INFO = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+# A decimal string as the service writes amounts: no sign, no exponent, no
+# leading zeros; the number of decimals is checked against the currency.
+_AMOUNT = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:\.([0-9]{1,4}))?\Z")
+_DIGITS = re.compile(r"[0-9]{1,19}\Z")
+
+
+class UnrenderableAnswer(Exception):
+    """A backend answer that cannot be shown as documented (a bug behind the edge)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One response of the edge: its code, an optional explanation, the order
+    and transaction when they exist, and the HTTP status when it is not the
+    code's usual one (413, 415, 405, 404 with code 1001)."""
+
+    code: ResponseCode
+    detail: str | None = None
+    order: refund_pb2.Order | None = None
+    transaction: refund_pb2.Transaction | None = None
+    http_status: int | None = None
+
+    @property
+    def status(self) -> int:
+        return self.http_status or HTTP_STATUS[self.code]
+
+
+def invalid_request(detail: str, http_status: int | None = None) -> Answer:
+    return Answer(ResponseCode.INVALID_REQUEST, detail, http_status=http_status)
+
+
+def unavailable() -> Answer:
+    return Answer(ResponseCode.SERVICE_UNAVAILABLE, UNAVAILABLE_DETAIL)
+
+
+def system_error() -> Answer:
+    return Answer(ResponseCode.SYSTEM_ERROR, SYSTEM_ERROR_DETAIL)
+
+
+# -- gRPC outcome -> answer ---------------------------------------------------
+
+
+def from_reply(reply: refund_pb2.RefundResponse) -> Answer:
+    """The answer for a RefundResponse (an approved refund)."""
+    if reply.response_code != ResponseCode.SUCCESS.value:
+        log.error("RefundResponse with response code %r", reply.response_code)
+        return system_error()
+    return Answer(ResponseCode.SUCCESS, None, reply.order if reply.HasField("order") else None,
+                  reply.transaction if reply.HasField("transaction") else None)
+
+
+def from_rpc_error(error: grpc.RpcError) -> Answer:
+    """The answer for a gRPC error: ours (ErrorInfo of our domain) by its reason;
+    any other by its status code: UNAVAILABLE / DEADLINE_EXCEEDED -> 9001, else 9999."""
+    info, decline = _details(error)
+    if info is None:
+        if error.code() in _RETRYABLE_WITHOUT_INFO:
+            log.warning("back end %s: %s", error.code().name, error.details())
+            return unavailable()
+        log.error("back end error without ErrorInfo: %s %s", error.code().name, error.details())
+        return system_error()
+    code = ResponseCode.__members__.get(info.reason)
+    if code is None or code is ResponseCode.SUCCESS:
+        log.error("back end error with unknown reason %r: %s", info.reason, error.details())
+        return system_error()
+    if code is ResponseCode.SERVICE_UNAVAILABLE:
+        log.warning("back end SERVICE_UNAVAILABLE: %s", error.details())
+        return unavailable()
+    if code is ResponseCode.SYSTEM_ERROR:
+        log.error("back end SYSTEM_ERROR: %s", error.details())
+        return system_error()
+    order = decline.order if decline is not None and decline.HasField("order") else None
+    transaction = decline.transaction if decline is not None and decline.HasField("transaction") else None
+    # Our service's messages are written for the caller ("order not found",
+    # "amount has more than 2 decimals for HKD"); they carry no internals.
+    return Answer(code, error.details() or None, order, transaction)
+
+
+def _details(error: grpc.RpcError):
+    """Our ErrorInfo and the RefundDecline, from the error's rich status."""
+    try:
+        status = rpc_status.from_call(error)
+    except Exception:  # a status that contradicts the call, or undecodable details
+        return None, None
+    info = decline = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            candidate = error_details_pb2.ErrorInfo()
+            if detail.Unpack(candidate) and candidate.domain == ERROR_DOMAIN and info is None:
+                info = candidate
+        elif detail.Is(refund_pb2.RefundDecline.DESCRIPTOR):
+            candidate = refund_pb2.RefundDecline()
+            if detail.Unpack(candidate):
+                decline = candidate
+    return info, decline
+
+
+# -- rendering ----------------------------------------------------------------
+
+
+def render(answer: Answer) -> bytes:
+    """The response body: compact JSON, amounts and ids as exact JSON numbers.
+
+    Raises UnrenderableAnswer when the order or transaction is not what the
+    service documents (the caller answers 9999 instead)."""
+    parts = ['{"responseCode":"', answer.code.value, '","message":"', answer.code.name, '"']
+    if answer.detail:
+        parts += [',"detail":', json.dumps(answer.detail)]
+    if answer.order is not None:
+        parts += [',"order":', _order(answer.order)]
+    if answer.transaction is not None:
+        parts += [',"transaction":', _transaction(answer.transaction)]
+    parts.append("}")
+    return "".join(parts).encode("ascii")
+
+
+def _order(order: refund_pb2.Order) -> str:
+    fields = [
+        f'"id":{_id(order.id)}',
+        f'"merchantReference":{json.dumps(order.merchant_reference)}',
+        f'"currency":{json.dumps(order.currency)}',
+        f'"amount":{_amount(order.amount, order.currency)}',
+        f'"status":{json.dumps(order.status)}',
+    ]
+    if order.HasField("create_time"):
+        fields.append(f'"createTime":"{_time(order.create_time)}"')
+    if order.HasField("update_time"):
+        fields.append(f'"updateTime":"{_time(order.update_time)}"')
+    return "{" + ",".join(fields) + "}"
+
+
+def _transaction(txn: refund_pb2.Transaction) -> str:
+    fields = [
+        f'"id":{_id(txn.id)}',
+        f'"merchantId":{_digits(txn.merchant_id)}',
+        f'"type":{json.dumps(txn.type)}',
+        f'"currency":{json.dumps(txn.currency)}',
+        f'"amount":{_amount(txn.amount, txn.currency)}',
+        f'"status":{json.dumps(txn.status)}',
+        f'"maskedPan":{json.dumps(txn.masked_pan)}',
+        f'"stan":{json.dumps(txn.stan)}',
+    ]
+    if txn.HasField("create_time"):
+        fields.append(f'"createTime":"{_time(txn.create_time)}"')
+    return "{" + ",".join(fields) + "}"
+
+
+def _id(value: int) -> str:
+    if value <= 0:
+        raise UnrenderableAnswer(f"id {value}")
+    return str(value)
+
+
+def _digits(text: str) -> str:
+    if not _DIGITS.match(text):
+        raise UnrenderableAnswer(f"merchant id {text!r}")
+    return str(int(text))
+
+
+def _amount(text: str, currency: str) -> str:
+    """The decimal string itself, once checked to be a plain JSON number with
+    exactly the currency's decimals ("76.19" HKD, "500" JPY, "1.250" BHD)."""
+    match = _AMOUNT.match(text)
+    try:
+        digits = domain.minor_units(currency)
+    except domain.DomainError:
+        raise UnrenderableAnswer(f"currency {currency!r}") from None
+    if match is None or len(match.group(1) or "") != digits:
+        raise UnrenderableAnswer(f"amount {text!r} {currency}")
+    return text
+
+
+def _time(stamp) -> str:
+    """ISO 8601 with an explicit offset, to the second: 2026-11-20T08:15:00+00:00."""
+    return stamp.ToDatetime(tzinfo=timezone.utc).isoformat(timespec="seconds")

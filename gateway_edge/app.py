@@ -1,0 +1,246 @@
+"""The edge as a raw ASGI application.
+
+    POST /direct/refund   the merchant endpoint (API.md sections 2 and 4)
+    GET  /healthz         200 only while the back end's grpc.health.v1 says SERVING
+    GET  /openapi.json    the OpenAPI 3 document of this edge
+
+The edge checks only the HTTP envelope: method, content type, body size, and
+that the body is a JSON object with the strings `request` and `signature`. It
+forwards the UTF-8 bytes of `request` exactly as decoded, with the signature,
+to RefundService.MerchantRefund; the service verifies the signature over those
+bytes and parses those same bytes. Every answer is JSON; nothing internal
+(exception, back-end message, stack trace) reaches the merchant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway_edge import answers
+from gateway_edge.answers import Answer
+from refund.v1 import refund_pb2, refund_pb2_grpc
+from service import strict_json
+
+log = logging.getLogger("refund-edge")
+
+MAX_BODY_BYTES = 64 * 1024
+DEFAULT_DEADLINE = 3.0
+HEALTH_DEADLINE = 1.0
+REFUND_PATH = "/direct/refund"
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+BACKEND_SERVICE = refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name
+
+# Reconnect quickly after the back end restarts (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+
+_JSON_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
+_ENVELOPE_SHAPE = "the body must be a JSON object with the string fields request and signature"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class EdgeApp:
+    """ASGI 3 application; one gRPC channel per process, opened at lifespan startup."""
+
+    def __init__(self, grpc_target: str, *, deadline: float = DEFAULT_DEADLINE,
+                 health_deadline: float = HEALTH_DEADLINE, max_body_bytes: int = MAX_BODY_BYTES):
+        self.grpc_target = grpc_target
+        self.deadline = deadline
+        self.health_deadline = min(health_deadline, deadline)
+        self.max_body_bytes = max_body_bytes
+        self.openapi = OPENAPI_PATH.read_bytes()
+        self._channel: grpc.aio.Channel | None = None
+        self._refunds: refund_pb2_grpc.RefundServiceStub | None = None
+        self._health: health_pb2_grpc.HealthStub | None = None
+        self._routes = {
+            REFUND_PATH: {"POST": self._refund},
+            "/healthz": {"GET": self._healthz},
+            "/openapi.json": {"GET": self._openapi},
+        }
+
+    # -- ASGI ---------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._open_channel()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _open_channel(self):
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.grpc_target, options=CHANNEL_OPTIONS)
+            self._refunds = refund_pb2_grpc.RefundServiceStub(self._channel)
+            self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self):
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close(grace=1.0)
+
+    async def _http(self, scope, receive, send):
+        responder = _Responder(send)
+        try:
+            methods = self._routes.get(scope["path"])
+            if methods is None:
+                await responder.answer(answers.invalid_request("no such endpoint", 404))
+                return
+            handler = methods.get(scope["method"])
+            if handler is None:
+                allow = ", ".join(methods).encode("ascii")
+                await responder.answer(
+                    answers.invalid_request(f"method {scope['method']} is not allowed here", 405),
+                    ((b"allow", allow),))
+                return
+            await handler(scope, receive, responder)
+        except _ClientGone:
+            return
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if not responder.started:
+                await responder.answer(answers.system_error())
+
+    # -- POST /direct/refund -------------------------------------------------
+
+    async def _refund(self, scope, receive, responder: "_Responder"):
+        if not _is_json(_header(scope, b"content-type")):
+            await responder.answer(answers.invalid_request("Content-Type must be application/json", 415))
+            return
+        try:
+            body = await self._read_body(scope, receive)
+        except _BodyTooLarge:
+            await responder.answer(answers.invalid_request(
+                f"the body is larger than {self.max_body_bytes} bytes", 413))
+            return
+        answer = _parse_envelope(body)
+        if isinstance(answer, Answer):
+            await responder.answer(answer)
+            return
+        request, signature = answer
+        self._open_channel()
+        try:
+            reply = await self._refunds.MerchantRefund(
+                refund_pb2.SignedRequest(request=request, signature=signature), timeout=self.deadline)
+        except grpc.RpcError as error:
+            answer = answers.from_rpc_error(error)
+        else:
+            answer = answers.from_reply(reply)
+        try:
+            await responder.answer(answer)
+        except answers.UnrenderableAnswer as exc:
+            log.error("cannot render the back end's answer (%s): %s", answer.code.name, exc)
+            await responder.answer(answers.system_error())
+
+    async def _read_body(self, scope, receive) -> bytes:
+        """The whole body, refusing it as soon as it is known to exceed the cap."""
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _BodyTooLarge()
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # -- GET /healthz, GET /openapi.json --------------------------------------
+
+    async def _healthz(self, scope, receive, responder: "_Responder"):
+        self._open_channel()
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=BACKEND_SERVICE),
+                                             timeout=self.health_deadline)
+            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as error:
+            serving, state = False, "UNREACHABLE"
+            log.warning("health check of the back end: %s", error.code().name)
+        body = b'{"status":"%s"}' % state.encode("ascii")
+        await responder.send(200 if serving else 503, body)
+
+    async def _openapi(self, scope, receive, responder: "_Responder"):
+        await responder.send(200, self.openapi)
+
+
+def _parse_envelope(body: bytes) -> tuple[bytes, str] | Answer:
+    """(request bytes, signature) from the envelope, or the 1001 answer saying what is wrong."""
+    try:
+        envelope = strict_json.loads(body)
+    except strict_json.StrictJSONError as exc:
+        reason = str(exc)
+        return answers.invalid_request(f"the body is {reason}" if reason.startswith("not") else f"the body: {reason}")
+    if not isinstance(envelope, dict):
+        return answers.invalid_request(_ENVELOPE_SHAPE)
+    request, signature = envelope.get("request"), envelope.get("signature")
+    if not isinstance(request, str):
+        return answers.invalid_request("request is required and must be a string holding the signed JSON object")
+    if not isinstance(signature, str):
+        return answers.invalid_request("signature is required and must be a base64 string")
+    try:
+        raw = request.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        return answers.invalid_request("request is not valid Unicode text")
+    return raw, signature
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json, any case, with parameters such as charset allowed."""
+    if content_type is None:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+class _Responder:
+    """Sends one JSON response and remembers that it did."""
+
+    def __init__(self, send):
+        self._send = send
+        self.started = False
+
+    async def answer(self, answer: Answer, extra_headers=()):
+        await self.send(answer.status, answers.render(answer), extra_headers)
+
+    async def send(self, status: int, body: bytes, extra_headers=()):
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii")), *extra_headers]
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})

@@ -1,0 +1,134 @@
+"""`refund-client`: sign a refund request as a merchant and send it to the edge.
+
+    refund-client --key merchant.key.pem --merchant-id 3000001 --order-id 1076 --amount 76.19
+
+Builds the `request` JSON text (the amount written as a raw JSON number, never
+through a float), signs its UTF-8 bytes with RSASSA-PKCS1-v1_5 / SHA-256,
+base64-encodes the signature (twice with --double-base64, like the published
+example), POSTs the envelope to URL/direct/refund and prints the HTTP status
+and the response body as received. Exit status: 0 for responseCode 0000,
+1 for any other answer, 2 when no answer was received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+REFUND_PATH = "/direct/refund"
+# A JSON number literal: what --amount may be (zero and negative numbers are
+# allowed on purpose, so that a merchant can see the gateway's 1002 answer).
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
+
+
+def request_text(merchant_id: str, amount: str, order_id: str | None = None,
+                 merchant_reference: str | None = None) -> str:
+    """The `request` JSON object as text; `amount` is inserted verbatim."""
+    if not _JSON_NUMBER.match(amount):
+        raise ValueError(f"amount must be a decimal number such as 76.19, got {amount!r}")
+    fields = [f'"merchantId":{json.dumps(merchant_id)}']
+    if order_id is not None:
+        if not (order_id.isascii() and order_id.isdigit()):
+            raise ValueError(f"order id must be digits, got {order_id!r}")
+        fields.append(f'"orderId":{int(order_id)}')
+    if merchant_reference is not None:
+        fields.append(f'"merchantReference":{json.dumps(merchant_reference, ensure_ascii=False)}')
+    fields.append(f'"amount":{amount}')
+    return "{" + ",".join(fields) + "}"
+
+
+def sign(private_key: rsa.RSAPrivateKey, request: str, double_base64: bool = False) -> str:
+    """base64 of the SHA256withRSA signature of the UTF-8 bytes of `request`."""
+    raw = private_key.sign(request.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+    text = base64.b64encode(raw)
+    if double_base64:
+        text = base64.b64encode(text)
+    return text.decode("ascii")
+
+
+def envelope(request: str, signature: str) -> bytes:
+    return json.dumps({"request": request, "signature": signature}, ensure_ascii=False).encode("utf-8")
+
+
+def load_private_key(path: str) -> rsa.RSAPrivateKey:
+    with open(path, "rb") as pem:
+        key = serialization.load_pem_private_key(pem.read(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"{path} is not an RSA private key")
+    return key
+
+
+def post(url: str, body: bytes, timeout: float) -> tuple[int, str, bytes]:
+    """(status, reason, body) of the answer, whatever its status."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.reason, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.reason, error.read()
+
+
+def endpoint(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith(REFUND_PATH) else url + REFUND_PATH
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="refund-client", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=os.environ.get("REFUND_EDGE_URL") or DEFAULT_URL,
+                        help=f"the edge's base URL (env REFUND_EDGE_URL, default {DEFAULT_URL})")
+    parser.add_argument("--key", required=True, help="the merchant's RSA private key (PEM, unencrypted)")
+    parser.add_argument("--merchant-id", required=True, help="e.g. 3000001")
+    parser.add_argument("--order-id", help="the gateway's order id")
+    parser.add_argument("--merchant-reference", help="the merchant's reference of the order")
+    parser.add_argument("--amount", required=True, help="decimal refund amount, e.g. 76.19 (sent as a JSON number)")
+    parser.add_argument("--double-base64", action="store_true",
+                        help="base64-encode the signature twice, like the published example")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    parser.add_argument("--dry-run", action="store_true", help="print the signed envelope instead of sending it")
+    args = parser.parse_args(argv)
+    if args.order_id is None and args.merchant_reference is None:
+        parser.error("give --order-id or --merchant-reference (or both)")
+    return args, parser
+
+
+def main(argv=None) -> int:
+    args, parser = parse_args(argv)
+    try:
+        request = request_text(args.merchant_id, args.amount, args.order_id, args.merchant_reference)
+        key = load_private_key(args.key)
+    except (OSError, ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    body = envelope(request, sign(key, request, args.double_base64))
+    if args.dry_run:
+        sys.stdout.write(body.decode("utf-8") + "\n")
+        return 0
+    url = endpoint(args.url)
+    try:
+        status, reason, answer = post(url, body, args.timeout)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"refund-client: no answer from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 2
+    print(f"HTTP {status} {reason}")
+    print(answer.decode("utf-8", errors="replace"))
+    try:
+        code = json.loads(answer).get("responseCode")
+    except (ValueError, AttributeError):
+        code = None
+    return 0 if code == "0000" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

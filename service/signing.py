@@ -1,0 +1,142 @@
+"""Merchant signatures: SHA256withRSA (RSASSA-PKCS1-v1_5) over the exact bytes
+of the `request` string, verified before anything in it is acted on.
+
+The same bytes that were verified are the bytes parsed: `authenticated_command`
+parses the request only to learn whose keys to use, verifies the signature
+over those bytes, and then builds the command from that one parse.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+from decimal import Decimal
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from service import domain, strict_json
+from service.domain import ResponseCode
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 16 * 1024
+MIN_KEY_BITS = 2048
+
+
+class AuthenticationFailed(domain.DomainError):
+    code = ResponseCode.AUTHENTICATION_FAILED
+
+
+class MerchantInactive(domain.DomainError):
+    code = ResponseCode.MERCHANT_INACTIVE
+
+
+def _strict_b64decode(text: str) -> bytes | None:
+    """Standard base64 with padding, and only its canonical form (the unused
+    bits of the last character must be zero), or None."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if base64.b64encode(raw).decode("ascii") == text else None
+
+
+def signature_candidates(signature: str) -> list[bytes]:
+    """The signature bytes under each documented encoding: base64 once (the
+    SDKs) and base64 twice (the published example)."""
+    if not isinstance(signature, str) or not signature.isascii() or len(signature) > 4096:
+        return []
+    once = _strict_b64decode(signature)
+    if once is None:
+        return []
+    candidates = [once]
+    try:
+        twice = _strict_b64decode(once.decode("ascii"))
+    except UnicodeDecodeError:
+        twice = None
+    if twice is not None:
+        candidates.append(twice)
+    return candidates
+
+
+@functools.lru_cache(maxsize=4096)
+def load_public_key(pem: str) -> rsa.RSAPublicKey:
+    key = serialization.load_pem_public_key(pem.encode("ascii"))
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_KEY_BITS:
+        raise ValueError(f"an RSA public key of at least {MIN_KEY_BITS} bits is required")
+    return key
+
+
+def verify(request: bytes, signature: str, public_keys_pem) -> bool:
+    """True when any of the keys verifies the signature over `request`."""
+    candidates = signature_candidates(signature)
+    for pem in public_keys_pem:
+        try:
+            key = load_public_key(pem)
+        except (ValueError, UnsupportedAlgorithm) as exc:  # an unusable stored key verifies nothing
+            log.warning("skipping an unusable merchant key: %s", exc)
+            continue
+        for candidate in candidates:
+            if len(candidate) != key.key_size // 8:
+                continue
+            try:
+                key.verify(candidate, request, padding.PKCS1v15(), hashes.SHA256())
+                return True
+            except InvalidSignature:
+                pass
+    return False
+
+
+def parse_request(request: bytes) -> dict:
+    """The signed request: a JSON object with a digits-only merchantId string."""
+    if len(request) > MAX_REQUEST_BYTES:
+        raise domain.InvalidRequest("request is too long")
+    try:
+        fields = strict_json.loads(request)
+    except strict_json.StrictJSONError as exc:
+        raise domain.InvalidRequest(f"request is {exc}" if str(exc).startswith("not") else f"request: {exc}") from None
+    if not isinstance(fields, dict):
+        raise domain.InvalidRequest("request must be a JSON object")
+    merchant_id = fields.get("merchantId")
+    if not isinstance(merchant_id, str):
+        raise domain.InvalidRequest("merchantId is required and must be a string of digits")
+    domain.parse_merchant_id(merchant_id)
+    return fields
+
+
+def command_from(fields: dict) -> domain.RefundCommand:
+    """A RefundCommand from the fields of a verified request (API.md section 2)."""
+    order_id = fields.get("orderId")
+    if order_id is not None:
+        if isinstance(order_id, str) and order_id.isascii() and order_id.isdigit() and len(order_id) <= 19:
+            order_id = int(order_id)
+        elif isinstance(order_id, Decimal) and order_id == order_id.to_integral_value() and order_id.adjusted() < 19 \
+                and order_id.as_tuple().exponent == 0:
+            order_id = int(order_id)
+        else:
+            raise domain.InvalidRequest("orderId must be an integer")
+    reference = fields.get("merchantReference")
+    if reference is not None and not isinstance(reference, str):
+        raise domain.InvalidRequest("merchantReference must be a string")
+    if "amount" not in fields:
+        raise domain.InvalidRequest("amount is required")
+    amount = fields["amount"]
+    if not isinstance(amount, Decimal):
+        raise domain.InvalidRequest("amount must be a JSON number")
+    domain.parse_decimal(amount)  # INVALID_AMOUNT for zero, negative, not finite
+    return domain.RefundCommand(domain.parse_merchant_id(fields["merchantId"]), order_id, reference or None, str(amount))
+
+
+async def authenticated_command(store, request: bytes, signature: str) -> domain.RefundCommand:
+    """Parse, authenticate and validate a signed refund request."""
+    fields = parse_request(request)
+    credentials = await store.merchant_credentials(domain.parse_merchant_id(fields["merchantId"]))
+    if credentials is None or not verify(request, signature, credentials.public_keys_pem):
+        raise AuthenticationFailed("authentication failed")
+    if credentials.status != "ACTIVE":
+        raise MerchantInactive("merchant is not active")
+    return command_from(fields)
