@@ -710,9 +710,18 @@ def cmd_demo(args, url: str) -> None:
     amount = domain.format_minor(example.amount, example.currency)
     ids = f"--merchant-id {DEMO_MERCHANT_ID} --order-id {example.id} --amount {amount}"
     print("refund it as the merchant (signed, through the HTTP edge):")
-    print(f"  refund-client --key {shlex.quote(str(key_path))} {ids}")
+    print(f"  {_script('refund-client')} --key {shlex.quote(str(key_path))} {ids}")
     print("or as an internal service (gRPC):")
-    print(f"  python -m service.grpc_client refund {ids}")
+    print(f"  {_script('python')} -m service.grpc_client refund {ids}")
+
+
+def _script(name: str) -> str:
+    """A command of this installation (e.g. .venv/bin/refund-client), as a path to paste."""
+    path = Path(sys.executable).parent / name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 # -- the other commands ------------------------------------------------------
