@@ -15,7 +15,7 @@ import enum
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 
 class ResponseCode(enum.Enum):
@@ -116,12 +116,9 @@ def parse_decimal(amount: str | Decimal) -> Decimal:
         value = amount
     else:
         text = amount.strip() if isinstance(amount, str) else None
-        if not text or len(text) > 64:
+        if not text or len(text) > 64 or not _DECIMAL_TEXT.fullmatch(text):
             raise InvalidAmount("amount must be a positive decimal number")
-        try:
-            value = Decimal(text)
-        except InvalidOperation:
-            raise InvalidAmount("amount must be a positive decimal number") from None
+        value = Decimal(text)
     if not value.is_finite():
         raise InvalidAmount("amount must be finite")
     if value <= 0:
@@ -146,6 +143,8 @@ def to_minor(amount: str | Decimal, currency: str) -> int:
     shift = exponent + digits
     if shift >= 0:
         units = coefficient * 10**shift
+    elif -shift > len(coefficient_digits):  # e.g. 1e-999999999: a fraction of a minor unit
+        raise InvalidAmount(f"amount has more than {digits} decimals for {currency}")
     else:
         units, remainder = divmod(coefficient, 10**-shift)
         if remainder:
@@ -163,19 +162,22 @@ def format_minor(units: int, currency: str) -> str:
     return f"{sign}{whole}.{frac:0{digits}d}" if digits else f"{sign}{whole}"
 
 
-_MASKED_PAN = re.compile(r"^\d{0,6}[*X]{1,15}\d{0,4}$")
-_STAN = re.compile(r"^\d{6}$")
+_MASKED_PAN = re.compile(r"[0-9]{0,6}[*X]{1,15}[0-9]{0,4}")
+_STAN = re.compile(r"[0-9]{6}")
+# Decimal text as JSON and ISO 4217 amounts write it: ASCII digits, no "_",
+# optional fraction and exponent. Decimal() alone would also take "1_000" or "١٢".
+_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def check_masked_pan(masked_pan: str) -> str:
     """An empty string or a PAN that shows at most its first six and last four digits."""
-    if masked_pan and not (_MASKED_PAN.match(masked_pan) and 12 <= len(masked_pan) <= 19):
+    if masked_pan and not (_MASKED_PAN.fullmatch(masked_pan) and 12 <= len(masked_pan) <= 19):
         raise InvalidRequest("maskedPan must show at most the first six and last four digits")
     return masked_pan
 
 
 def check_stan(stan: str) -> str:
-    if not _STAN.match(stan):
+    if not _STAN.fullmatch(stan):
         raise InvalidRequest("stan must be 6 digits")
     return stan
 

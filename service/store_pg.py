@@ -29,7 +29,6 @@ from service.store import (
     SaleConflict,
     StoreUnavailable,
     same_sale,
-    stan_for,
     utc_now,
 )
 

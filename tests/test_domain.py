@@ -1,7 +1,7 @@
 """Unit tests of service/domain.py: the refund rules of API.md sections 3 and 4.
 
-Tests whose name starts with `test_bug_` document a defect found in domain.py;
-they fail on purpose until domain.py is fixed (see the docstring of each).
+Tests named `test_regression_` pin defects found in an earlier domain.py
+(each docstring says which).
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from decimal import Decimal
 
 import pytest
 
-# No conftest.py and no installed package: make `service` importable from the repo root.
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from service import domain  # noqa: E402
-from service.domain import (  # noqa: E402
+from service import domain
+from service.domain import (
     Decision,
     InvalidAmount,
     InvalidRequest,
@@ -669,8 +666,8 @@ def test_refund_command_with_either_or_both_ids_is_accepted():
 # evidence for the defects reported; do not mark them xfail without a fix.
 
 
-def test_bug_tiny_exponent_amount_is_refused_quickly():
-    """BUG: to_minor guards only large magnitudes (value.adjusted() > 19). For a
+def test_regression_tiny_exponent_amount_is_refused_quickly():
+    """Was a bug: to_minor guards only large magnitudes (value.adjusted() > 19). For a
     tiny one such as "1e-999999999" (12 characters, a valid JSON number) it
     computes divmod(coefficient, 10**999999997): a ~415 MB integer that takes
     minutes to hours to build. 1e-10000000 already takes ~6 s. decide() calls
@@ -690,8 +687,8 @@ def test_bug_tiny_exponent_amount_is_refused_quickly():
 
 
 @pytest.mark.parametrize("stan", ["123456\n", "\u0661\u0662\u0663\u0664\u0665\u0666", "\uff11\uff12\uff13\uff14\uff15\uff16"])
-def test_bug_stan_with_a_trailing_newline_or_non_ascii_digits_is_refused(stan):
-    """BUG: _STAN is ^\\d{6}$ used with .match: `$` also matches before a final
+def test_regression_stan_with_a_trailing_newline_or_non_ascii_digits_is_refused(stan):
+    """Was a bug: _STAN is ^\\d{6}$ used with .match: `$` also matches before a final
     newline, and \\d matches any Unicode digit (Arabic-Indic, full-width). So
     check_stan accepts "123456\\n" and "١٢٣٤٥٦" (RecordSale stores them)."""
     with pytest.raises(InvalidRequest):
@@ -699,14 +696,14 @@ def test_bug_stan_with_a_trailing_newline_or_non_ascii_digits_is_refused(stan):
 
 
 @pytest.mark.parametrize("pan", ["411111******1111\n", "\u0664\u0661\u0661\u0661\u0661\u0661******\u0661\u0661\u0661\u0661"])
-def test_bug_masked_pan_with_a_trailing_newline_or_non_ascii_digits_is_refused(pan):
-    """BUG: same pattern problem in _MASKED_PAN (^...$ with .match, \\d Unicode)."""
+def test_regression_masked_pan_with_a_trailing_newline_or_non_ascii_digits_is_refused(pan):
+    """Was a bug: same pattern problem in _MASKED_PAN (^...$ with .match, \\d Unicode)."""
     with pytest.raises(InvalidRequest):
         check_masked_pan(pan)
 
 
 @pytest.mark.parametrize(("amount", "read_as"), [("1_000", 100000), ("\u0661\u0662", 1200), ("\uff11\uff12", 1200)])
-def test_bug_amount_text_in_python_only_syntax_is_refused(amount, read_as):
+def test_regression_amount_text_in_python_only_syntax_is_refused(amount, read_as):
     """BUG (minor, lenient parse): parse_decimal hands the text to Decimal(),
     which also takes Python's digit-group underscores and any Unicode digits:
     via gRPC, amount "1_000" is refunded as HKD 1000.00 and "١٢" as HKD 12.00.
