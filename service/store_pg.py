@@ -1,16 +1,21 @@
 """PostgreSQL store on asyncpg: fixed, prepared statements, no ORM objects.
 
-A refund is one transaction in READ COMMITTED:
-1. lock the order row (`FOR UPDATE OF o`): attempts on one order queue here,
-   and each reads the order as the previous one left it;
-2. read the balance (and the earlier refund, when the order says refunded)
-   in a statement that starts after the lock is held, so it is current;
-3. `domain.decide`;
-4. one statement that debits the balance only where it covers the amount
-   (`unsettled >= $amount`), and only then marks the order, inserts the
-   refund transaction and the audit row; a declined attempt inserts only its
-   audit row. The unique index `uq_one_refund_per_order` and the check
-   `unsettled >= 0` stand behind both rules in case any code path is wrong.
+A refund takes two round trips, each one statement (so each is atomic on
+its own, with no BEGIN/COMMIT):
+1. SNAPSHOT reads the order, its payment method's capability, the balance and
+   the earlier refund in one consistent read; `domain.decide` applies the rules;
+2. a declined attempt inserts its audit row. An approved one runs
+   APPLY_REFUND, which re-checks in the database what the decision assumed:
+   the order is marked only if its status is still the one read (so two
+   attempts on one order cannot both pass), the balance is debited only
+   `WHERE unsettled >= amount`, and if the order was marked but the balance no
+   longer covers the amount the statement fails as a whole (the refund row's
+   amount is then NULL, which NOT NULL refuses), so an order is never marked
+   without its debit nor debited without its refund row. When the statement
+   changes nothing or fails that way, the state moved since the read: read and
+   decide again (the second answer is then 3003 or 4004).
+Behind both rules stand the unique index `uq_one_refund_per_order` and the
+check `unsettled >= 0`.
 """
 
 from __future__ import annotations
@@ -36,49 +41,48 @@ _ORDER_COLUMNS = ("o.id, o.merchant_id, o.merchant_reference, o.currency, o.amou
                   "o.payment_method, o.create_time, o.update_time")
 _TXN_COLUMNS = "t.id, t.merchant_id, t.order_id, t.type, t.currency, t.amount, t.status, t.masked_pan, t.stan, t.create_time"
 
-LOCK_BY_ID = f"""
-SELECT {_ORDER_COLUMNS}, pm.refund_capability
-FROM orders o JOIN payment_methods pm ON pm.code = o.payment_method
-WHERE o.merchant_id = $1 AND o.id = $2
-FOR UPDATE OF o"""
-
-LOCK_BY_REFERENCE = f"""
-SELECT {_ORDER_COLUMNS}, pm.refund_capability
-FROM orders o JOIN payment_methods pm ON pm.code = o.payment_method
-WHERE o.merchant_id = $1 AND o.merchant_reference = $2
-FOR UPDATE OF o"""
+_SNAPSHOT = f"""
+SELECT {_ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0) AS unsettled, {_TXN_COLUMNS}
+FROM orders o
+JOIN payment_methods pm ON pm.code = o.payment_method
+LEFT JOIN balances b ON b.merchant_id = o.merchant_id AND b.currency = o.currency
+LEFT JOIN transactions t ON t.order_id = o.id AND t.type = 'REFUND'
+WHERE o.merchant_id = $1 AND """
+SNAPSHOT_BY_ID = _SNAPSHOT + "o.id = $2"
+SNAPSHOT_BY_REFERENCE = _SNAPSHOT + "o.merchant_reference = $2"
 
 BALANCE = "SELECT unsettled FROM balances WHERE merchant_id = $1 AND currency = $2"
 
-REFUND_OF_ORDER = f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = $1 AND t.type = 'REFUND'"
-
 # $1 merchant, $2 order, $3 currency, $4 amount, $5 new status, $6 now,
-# $7 requested reference, $8 requested amount text
+# $7 requested reference, $8 requested amount text, $9 status the decision read
 APPLY_REFUND = """
-WITH debit AS (
-    UPDATE balances SET unsettled = unsettled - $4
-    WHERE merchant_id = $1 AND currency = $3 AND unsettled >= $4
-    RETURNING 1
-), marked AS (
+WITH marked AS (
     UPDATE orders SET status = $5, update_time = $6
-    WHERE id = $2 AND merchant_id = $1 AND status IN ('SUCCESS', 'SETTLED') AND EXISTS (SELECT 1 FROM debit)
+    WHERE id = $2 AND merchant_id = $1 AND status = $9
     RETURNING id
+), debit AS (
+    UPDATE balances SET unsettled = unsettled - $4
+    WHERE merchant_id = $1 AND currency = $3 AND unsettled >= $4 AND EXISTS (SELECT 1 FROM marked)
+    RETURNING 1
 ), new_id AS (
     SELECT nextval(pg_get_serial_sequence('transactions', 'id')) AS id FROM marked
 ), refund AS (
     INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
-    SELECT new_id.id, $2, $1, 'REFUND', $3, $4, 'SUCCESS',
+    SELECT new_id.id, $2, $1, 'REFUND', $3,
+           CASE WHEN EXISTS (SELECT 1 FROM debit) THEN $4::bigint END,  -- NULL: marked but not debited, abort all
+           'SUCCESS',
            COALESCE((SELECT masked_pan FROM transactions WHERE order_id = $2 AND type = 'SALE' LIMIT 1), ''),
            lpad((new_id.id % 1000000)::text, 6, '0'), $6
     FROM new_id
     RETURNING id, masked_pan, stan
 ), audit AS (
     INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
-    SELECT $1, $2, $7, $8, CASE WHEN EXISTS (SELECT 1 FROM refund) THEN '0000' ELSE '4004' END,
-           (SELECT id FROM refund), $6
+    SELECT $1, $2, $7, $8, '0000', refund.id, $6 FROM refund
 )
-SELECT debited.n AS debited, refund.id, refund.masked_pan, refund.stan
-FROM (SELECT count(*) AS n FROM debit) AS debited LEFT JOIN refund ON true"""
+SELECT id, masked_pan, stan FROM refund"""
+
+# Attempts to decide one refund when the state keeps moving between read and write.
+MAX_DECISIONS = 5
 
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
@@ -103,6 +107,12 @@ def _transaction(row) -> domain.Transaction:
     return domain.Transaction(*row[:10])
 
 
+async def _keep_session(_connection) -> None:
+    """Connections go back to the pool as they are: the service sets no session
+    state (asyncpg still rolls back a transaction left open), which saves the
+    default reset's round trip on every release."""
+
+
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, command_timeout: float):
         self._pool = pool
@@ -123,6 +133,7 @@ class PostgresStore:
             command_timeout=command_timeout,
             timeout=command_timeout,
             server_settings={"application_name": "refund-service"},
+            reset=_keep_session,
         )
         try:
             pool = await asyncpg.create_pool(**kwargs)
@@ -139,38 +150,40 @@ class PostgresStore:
             raise StoreUnavailable(type(exc).__name__) from None
 
     async def refund(self, command: domain.RefundCommand) -> domain.RefundResult:
-        now = utc_now()
-        async with self._connection() as conn, conn.transaction():
-            if command.order_id is not None:
-                row = await conn.fetchrow(LOCK_BY_ID, command.merchant_id, command.order_id)
-            else:
-                row = await conn.fetchrow(LOCK_BY_REFERENCE, command.merchant_id, command.merchant_reference)
-            snapshot = None
-            if row is not None:
-                order = _order(row)
-                balance = await conn.fetchval(BALANCE, order.merchant_id, order.currency)
-                refund = None
-                if order.status in domain.REFUNDED_STATUSES:
-                    refund_row = await conn.fetchrow(REFUND_OF_ORDER, order.id)
-                    refund = _transaction(refund_row) if refund_row else None
-                snapshot = domain.OrderSnapshot(order, row["refund_capability"], balance or 0, refund)
-            decision = domain.decide(command, snapshot)
-            order_id = snapshot.order.id if snapshot else command.order_id
-            if not decision.approved:
-                await conn.execute(AUDIT, command.merchant_id, order_id, command.merchant_reference,
-                                   command.amount[:64], decision.code.value, None, now)
-                return domain.result_of(decision, snapshot)
-            applied = await conn.fetchrow(
-                APPLY_REFUND, command.merchant_id, order_id, snapshot.order.currency, decision.amount,
-                decision.new_status, now, command.merchant_reference, command.amount[:64])
-            if not applied["debited"]:  # the balance fell below the amount since it was read
-                return domain.result_of(domain.INSUFFICIENT_BALANCE, snapshot)
-            if applied["id"] is None:  # cannot happen under the row lock; never commit half a refund
-                raise RuntimeError("balance debited but the order was not marked refunded")
-            order = domain.refunded_order(snapshot.order, decision, now)
-            refund = domain.Transaction(applied["id"], order.merchant_id, order.id, "REFUND", order.currency,
-                                        decision.amount, "SUCCESS", applied["masked_pan"], applied["stan"], now)
-            return domain.result_of(decision, snapshot, refund, order)
+        async with self._connection() as conn:
+            for _ in range(MAX_DECISIONS):
+                snapshot = await self._snapshot(conn, command)
+                decision = domain.decide(command, snapshot)
+                now = utc_now()
+                if not decision.approved:
+                    order_id = snapshot.order.id if snapshot else command.order_id
+                    await conn.execute(AUDIT, command.merchant_id, order_id, command.merchant_reference,
+                                       command.amount[:64], decision.code.value, None, now)
+                    return domain.result_of(decision, snapshot)
+                order = snapshot.order
+                try:
+                    applied = await conn.fetchrow(
+                        APPLY_REFUND, command.merchant_id, order.id, order.currency, decision.amount,
+                        decision.new_status, now, command.merchant_reference, command.amount[:64], order.status)
+                except asyncpg.NotNullViolationError:
+                    applied = None  # the balance fell below the amount since the read
+                if applied is not None:
+                    refund = domain.Transaction(applied["id"], order.merchant_id, order.id, "REFUND", order.currency,
+                                                decision.amount, "SUCCESS", applied["masked_pan"], applied["stan"], now)
+                    return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
+        raise StoreUnavailable("the order kept changing; retry")
+
+    @staticmethod
+    async def _snapshot(conn, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
+        if command.order_id is not None:
+            row = await conn.fetchrow(SNAPSHOT_BY_ID, command.merchant_id, command.order_id)
+        else:
+            row = await conn.fetchrow(SNAPSHOT_BY_REFERENCE, command.merchant_id, command.merchant_reference)
+        if row is None:
+            return None
+        values = tuple(row)  # order (9 columns), capability, balance, refund transaction (10, NULL if none)
+        refund = _transaction(values[11:]) if values[11] is not None else None
+        return domain.OrderSnapshot(_order(values), values[9], values[10], refund)
 
     async def get_order(self, merchant_id, order_id, merchant_reference):
         async with self._connection() as conn:
