@@ -32,8 +32,8 @@ migrate: proto ## create or upgrade the database schema (REFUND_DATABASE_URL, de
 demo: migrate ## load the demo merchant, its key and orders
 	$(BIN)/refund-admin demo
 
-run: demo ## start the gRPC service (and the HTTP edge) on the SQLite default with demo data
-	$(BIN)/refund-service
+run: demo ## start refund-service and refund-edge on the SQLite default with demo data (Ctrl-C stops both)
+	$(PY) -m gateway_edge.run_all
 
 test: proto ## run all tests (PostgreSQL tests skip without PostgreSQL unless REFUND_REQUIRE_POSTGRES=1)
 	$(BIN)/pytest

@@ -14,6 +14,7 @@ bytes and parses those same bytes. Every answer is JSON; nothing internal
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -29,6 +30,7 @@ log = logging.getLogger("refund-edge")
 
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_DEADLINE = 3.0
+DEFAULT_BODY_TIMEOUT = 10.0
 HEALTH_DEADLINE = 1.0
 REFUND_PATH = "/direct/refund"
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -51,6 +53,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTooSlow(Exception):
+    pass
+
+
 class _ClientGone(Exception):
     pass
 
@@ -59,9 +65,11 @@ class EdgeApp:
     """ASGI 3 application; one gRPC channel per process, opened at lifespan startup."""
 
     def __init__(self, grpc_target: str, *, deadline: float = DEFAULT_DEADLINE,
-                 health_deadline: float = HEALTH_DEADLINE, max_body_bytes: int = MAX_BODY_BYTES):
+                 health_deadline: float = HEALTH_DEADLINE, max_body_bytes: int = MAX_BODY_BYTES,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
         self.grpc_target = grpc_target
         self.deadline = deadline
+        self.body_timeout = body_timeout
         self.health_deadline = min(health_deadline, deadline)
         self.max_body_bytes = max_body_bytes
         self.openapi = OPENAPI_PATH.read_bytes()
@@ -138,6 +146,10 @@ class EdgeApp:
             await responder.answer(answers.invalid_request(
                 f"the body is larger than {self.max_body_bytes} bytes", 413))
             return
+        except _BodyTooSlow:
+            await responder.answer(answers.invalid_request(
+                f"the body did not arrive within {self.body_timeout:g} seconds", 408), ((b"connection", b"close"),))
+            return
         answer = _parse_envelope(body)
         if isinstance(answer, Answer):
             await responder.answer(answer)
@@ -158,10 +170,18 @@ class EdgeApp:
             await responder.answer(answers.system_error())
 
     async def _read_body(self, scope, receive) -> bytes:
-        """The whole body, refusing it as soon as it is known to exceed the cap."""
+        """The whole body, refusing it as soon as it is known to exceed the cap,
+        or when it does not arrive within the body timeout (a trickling client)."""
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _BodyTooLarge()
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._receive_body(receive)
+        except TimeoutError:
+            raise _BodyTooSlow() from None
+
+    async def _receive_body(self, receive) -> bytes:
         chunks, size = [], 0
         while True:
             message = await receive()

@@ -6,8 +6,9 @@ Starts `refund-service` on REFUND_GRPC_LISTEN (default 127.0.0.1:50051), waits
 until it prints the address it bound, then starts `refund-edge` on
 REFUND_HTTP_LISTEN (default 127.0.0.1:8080) calling that address. Both outputs
 are copied to this process's stdout, each line prefixed with its process name.
-SIGINT and SIGTERM are forwarded to both (each drains gracefully); when either
-process exits, the other is stopped and the launcher exits.
+SIGINT and SIGTERM are forwarded to both (each drains gracefully; SIGHUP counts
+as SIGTERM); when either process exits, the other is stopped and the launcher
+exits.
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ def main() -> int:
     requested: list[int] = []
 
     def on_signal(signum, _frame):
-        requested.append(signum)
+        # A closed terminal (SIGHUP) must not leave the children, which have
+        # sessions of their own, running: stop them as for SIGTERM.
+        requested.append(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
 
     children: list[Child] = []

@@ -19,7 +19,7 @@ import sys
 
 import uvicorn
 
-from gateway_edge.app import DEFAULT_DEADLINE, EdgeApp
+from gateway_edge.app import DEFAULT_BODY_TIMEOUT, DEFAULT_DEADLINE, EdgeApp
 
 log = logging.getLogger("refund-edge")
 
@@ -82,15 +82,19 @@ def parse_args(argv=None):
                              "port 0 picks a free port)")
     parser.add_argument("--grpc-target", default=env("REFUND_GRPC_TARGET") or DEFAULT_GRPC_TARGET,
                         help=f"refund-service address (env REFUND_GRPC_TARGET, default {DEFAULT_GRPC_TARGET})")
-    parser.add_argument("--deadline", type=float, default=float(env("REFUND_EDGE_DEADLINE") or DEFAULT_DEADLINE),
+    parser.add_argument("--deadline", type=float, default=env("REFUND_EDGE_DEADLINE") or str(DEFAULT_DEADLINE),
                         help="seconds a call to refund-service may take before the answer is 9001 "
                              f"(env REFUND_EDGE_DEADLINE, default {DEFAULT_DEADLINE:g})")
+    parser.add_argument("--body-timeout", type=float,
+                        default=env("REFUND_EDGE_BODY_TIMEOUT") or str(DEFAULT_BODY_TIMEOUT),
+                        help="seconds a client may take to send the request body before the answer is 408 "
+                             f"(env REFUND_EDGE_BODY_TIMEOUT, default {DEFAULT_BODY_TIMEOUT:g})")
     parser.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     parser.add_argument("--log-level", default=env("REFUND_LOG_LEVEL") or "info",
                         choices=["debug", "info", "warning", "error"], help="env REFUND_LOG_LEVEL, default info")
     args = parser.parse_args(argv)
-    if not args.deadline > 0:
-        parser.error("--deadline must be a positive number of seconds")
+    if not args.deadline > 0 or not args.body_timeout > 0:
+        parser.error("--deadline and --body-timeout must be positive numbers of seconds")
     try:
         split_address(args.listen)
     except ValueError as exc:
@@ -106,13 +110,13 @@ def main(argv=None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1
-    app = EdgeApp(args.grpc_target, deadline=args.deadline)
+    app = EdgeApp(args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout)
     config = uvicorn.Config(
         app, loop="uvloop", http="httptools", ws="none", lifespan="on", interface="asgi3",
         log_config=None, log_level=args.log_level, access_log=args.access_log,
         server_header=False, proxy_headers=False,
-        # In-flight requests are bounded by the deadline; give them that and a little more.
-        timeout_graceful_shutdown=int(args.deadline) + 2,
+        # In-flight requests are bounded by the body timeout and the deadline; give them that and a little more.
+        timeout_graceful_shutdown=int(args.body_timeout + args.deadline) + 2,
     )
     log.info("calling refund-service at %s with a %.3gs deadline", args.grpc_target, args.deadline)
     EdgeServer(config, sock).run(sockets=[sock])

@@ -239,7 +239,9 @@ def http_request(host: str, port: int, method: str, path: str, body: bytes | Non
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     started = time.monotonic()
     try:
-        connection.request(method, path, body=body, headers=headers or {})
+        headers = headers or {}
+        chunked = headers.get("Transfer-Encoding") == "chunked"
+        connection.request(method, path, body=body, headers=headers, encode_chunked=chunked)
         response = connection.getresponse()
         data = response.read()
         return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data,
@@ -259,9 +261,9 @@ def _pack(message) -> any_pb2.Any:
 
 class FakeRefundService(refund_pb2_grpc.RefundServiceServicer):
     """MerchantRefund answers as `behaviour` says: "slow" (waits until released),
-    "internal" (INTERNAL, no ErrorInfo), "rich_system_error", "unknown_reason",
-    "foreign_domain", "bad_amount" (a success the edge cannot show exactly),
-    "resource_exhausted"."""
+    "internal" (INTERNAL, no ErrorInfo), "rich_system_error", "rich_unavailable",
+    "unknown_reason", "foreign_domain" (an ErrorInfo of another domain),
+    "bad_amount" (a success the edge cannot show exactly), "resource_exhausted"."""
 
     SECRET = "db password hunter2 at /srv/refund/store.py line 42"
 
@@ -280,12 +282,14 @@ class FakeRefundService(refund_pb2_grpc.RefundServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, self.SECRET)
         if behaviour == "resource_exhausted":
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.SECRET)
-        if behaviour in ("rich_system_error", "unknown_reason", "foreign_domain"):
-            reason = {"rich_system_error": "SYSTEM_ERROR", "unknown_reason": "DISK_ON_FIRE",
-                      "foreign_domain": "ORDER_NOT_FOUND"}[behaviour]
+        rich = {"rich_system_error": ("SYSTEM_ERROR", code_pb2.INTERNAL),
+                "rich_unavailable": ("SERVICE_UNAVAILABLE", code_pb2.UNAVAILABLE),
+                "unknown_reason": ("DISK_ON_FIRE", code_pb2.INTERNAL),
+                "foreign_domain": ("ORDER_NOT_FOUND", code_pb2.NOT_FOUND)}
+        if behaviour in rich:
+            reason, code = rich[behaviour]
             info = error_details_pb2.ErrorInfo(
                 reason=reason, domain="elsewhere.example" if behaviour == "foreign_domain" else "refund.gateway")
-            code = code_pb2.NOT_FOUND if behaviour == "foreign_domain" else code_pb2.INTERNAL
             context.abort_with_status(rpc_status.to_status(
                 status_pb2.Status(code=code, message=self.SECRET, details=[_pack(info)])))
         if behaviour == "bad_amount":

@@ -17,8 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from tests.conftest import SPEC_DIR, ServiceProcess
-from tests.edge_fixtures import (  # noqa: F401  (start_edge is a fixture)
+pytest.register_assert_rewrite("tests.edge_fixtures")  # its check_* helpers assert
+
+from tests.conftest import SPEC_DIR, ServiceProcess  # noqa: E402  (after register_assert_rewrite)
+from tests.edge_fixtures import (  # noqa: E402  (after register_assert_rewrite)
     EXAMPLE_KEY_PEM,
     EdgeProcess,
     Reply,
@@ -38,8 +40,9 @@ from tests.edge_fixtures import (  # noqa: F401  (start_edge is a fixture)
     sign,
     signature_bytes,
     signed_body,
-    start_edge,
 )
+
+pytest_plugins = ("tests.edge_fixtures",)  # start_edge, fake_backend
 
 OTHER, SUSPENDED, KEYLESS, ROTATING, BROKEN_KEY = 3000002, 3000003, 3000004, 3000005, 3000006
 
