@@ -72,3 +72,13 @@ def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(postgres_url, 
     locker.close()
     channel.close()
     engine.dispose()
+
+
+def test_sigterm_turns_health_to_not_serving_for_watchers(sqlite_url, start_service):
+    service = start_service(sqlite_url, "--grace", "2")
+    with grpc.insecure_channel(service.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=20)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        service.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert service.process.wait(10) == 0
