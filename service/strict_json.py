@@ -4,6 +4,7 @@ number is a Decimal (never a float); nesting and size are bounded by the caller.
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 
 
@@ -11,10 +12,17 @@ class StrictJSONError(ValueError):
     """The text is not JSON this gateway accepts; the message says why."""
 
 
+# A key is named in the error only when it cannot be a card number (13 or more
+# digits in a row) and is short: the message goes back to the caller and may be logged.
+_MAY_BE_A_CARD_NUMBER = re.compile(r"[0-9]{13}")
+
+
 def _no_duplicates(pairs):
     result = {}
     for key, value in pairs:
         if key in result:
+            if len(key) > 64 or _MAY_BE_A_CARD_NUMBER.search(key):
+                raise StrictJSONError("duplicate key")
             raise StrictJSONError(f"duplicate key {key!r}")
         result[key] = value
     return result
