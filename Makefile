@@ -8,7 +8,7 @@ PY     := $(BIN)/python
 PROTOS := $(wildcard protos/refund/v1/*.proto)
 GENERATED := $(patsubst protos/%.proto,gen/%_pb2.py,$(PROTOS))
 
-.PHONY: help install proto migrate demo run test test-fast lint clean
+.PHONY: help install proto migrate demo run test test-fast bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,13 @@ test: proto ## run all tests (PostgreSQL tests skip without PostgreSQL unless RE
 
 test-fast: proto ## run the tests but the slow storms
 	$(BIN)/pytest -m 'not slow'
+
+SOAK ?= 20
+BENCH_ARGS ?=
+
+bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=300 for 5 min); needs wrk, PostgreSQL
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 2; }
+	$(PY) -m bench.run --soak $(SOAK) $(BENCH_ARGS)
 
 clean: ## remove the virtual environment, generated code and local databases
 	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info refund.db refund.db-wal refund.db-shm demo

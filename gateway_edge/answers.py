@@ -80,6 +80,8 @@ class Answer:
     order: refund_pb2.Order | None = None
     transaction: refund_pb2.Transaction | None = None
     http_status: int | None = None
+    # POST /direct/query: all the order's transactions (sale first).
+    transactions: tuple[refund_pb2.Transaction, ...] | None = None
 
     @property
     def status(self) -> int:
@@ -108,6 +110,14 @@ def from_reply(reply: refund_pb2.RefundResponse) -> Answer:
         return system_error()
     return Answer(ResponseCode.SUCCESS, None, reply.order if reply.HasField("order") else None,
                   reply.transaction if reply.HasField("transaction") else None)
+
+
+def from_order_reply(reply: refund_pb2.GetOrderResponse) -> Answer:
+    """The answer for a GetOrderResponse (POST /direct/query)."""
+    if not reply.HasField("order"):
+        log.error("GetOrderResponse without an order")
+        return system_error()
+    return Answer(ResponseCode.SUCCESS, order=reply.order, transactions=tuple(reply.transactions))
 
 
 def from_rpc_error(error: grpc.RpcError) -> Answer:
@@ -171,6 +181,8 @@ def render(answer: Answer) -> bytes:
         parts += [',"order":', _order(answer.order)]
     if answer.transaction is not None:
         parts += [',"transaction":', _transaction(answer.transaction)]
+    if answer.transactions is not None:
+        parts += [',"transactions":[', ",".join(_transaction(t) for t in answer.transactions), "]"]
     parts.append("}")
     return "".join(parts).encode("ascii")
 

@@ -1,8 +1,10 @@
 """The edge as a raw ASGI application.
 
     POST /direct/refund   the merchant endpoint (API.md sections 2 and 4)
+    POST /direct/query    the order and its transactions (API.md section 7)
     GET  /healthz         200 only while the back end's grpc.health.v1 says SERVING
     GET  /openapi.json    the OpenAPI 3 document of this edge
+    GET  /metrics         Prometheus metrics of this process
 
 The edge checks only the HTTP envelope: method, content type, body size, and
 that the body is a JSON object with the strings `request` and `signature`. It
@@ -10,21 +12,32 @@ forwards the UTF-8 bytes of `request` exactly as decoded, with the signature,
 to RefundService.MerchantRefund; the service verifies the signature over those
 bytes and parses those same bytes. Every answer is JSON; nothing internal
 (exception, back-end message, stack trace) reaches the merchant.
+
+Every response carries `X-Request-Id` (the client's, when sane, else a new
+one; the service gets it as gRPC metadata) and, with a gateway key
+configured, `X-Signature` over the exact body bytes. An `Idempotency-Key`
+header on /direct/refund is checked here and passed on; the service keeps the
+answers (the edge keeps no state).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway_edge import answers
+from gateway_edge import metrics as edge_metrics
 from gateway_edge.answers import Answer
+from gateway_edge.signer import ResponseSigner
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import strict_json
+from service import strict_json, telemetry
+from service.domain import ResponseCode
 
 log = logging.getLogger("refund-edge")
 
@@ -33,6 +46,12 @@ DEFAULT_DEADLINE = 3.0
 DEFAULT_BODY_TIMEOUT = 10.0
 HEALTH_DEADLINE = 1.0
 REFUND_PATH = "/direct/refund"
+QUERY_PATH = "/direct/query"
+METRICS_PATH = "/metrics"
+# Routes polled by machines: their requests are logged at DEBUG only.
+QUIET_PATHS = frozenset({"/healthz", METRICS_PATH})
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
+_BACKEND_FAILURES = frozenset({ResponseCode.SERVICE_UNAVAILABLE, ResponseCode.SYSTEM_ERROR})
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 BACKEND_SERVICE = refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name
 
@@ -43,6 +62,9 @@ CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Spread the calls over every address of the target, so that one edge can use several
+    # refund-service processes ("ipv4:127.0.0.1:50051,127.0.0.1:50052"); one address: as before.
+    ("grpc.lb_policy_name", "round_robin"),
 )
 
 _JSON_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
@@ -66,8 +88,11 @@ class EdgeApp:
 
     def __init__(self, grpc_target: str, *, deadline: float = DEFAULT_DEADLINE,
                  health_deadline: float = HEALTH_DEADLINE, max_body_bytes: int = MAX_BODY_BYTES,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT, signer: ResponseSigner | None = None,
+                 grpc_credentials: grpc.ChannelCredentials | None = None):
         self.grpc_target = grpc_target
+        self.signer = signer
+        self.grpc_credentials = grpc_credentials
         self.deadline = deadline
         self.body_timeout = body_timeout
         self.health_deadline = min(health_deadline, deadline)
@@ -78,9 +103,12 @@ class EdgeApp:
         self._health: health_pb2_grpc.HealthStub | None = None
         self._routes = {
             REFUND_PATH: {"POST": self._refund},
+            QUERY_PATH: {"POST": self._query},
             "/healthz": {"GET": self._healthz},
             "/openapi.json": {"GET": self._openapi},
+            METRICS_PATH: {"GET": self._metrics},
         }
+        self._durations = {path: edge_metrics.DURATION.labels(path) for path in [*self._routes, "other"]}
 
     # -- ASGI ---------------------------------------------------------------
 
@@ -103,7 +131,11 @@ class EdgeApp:
 
     def _open_channel(self):
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.grpc_target, options=CHANNEL_OPTIONS)
+            if self.grpc_credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.grpc_target, self.grpc_credentials,
+                                                        options=CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.grpc_target, options=CHANNEL_OPTIONS)
             self._refunds = refund_pb2_grpc.RefundServiceStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -113,7 +145,41 @@ class EdgeApp:
             await channel.close(grace=1.0)
 
     async def _http(self, scope, receive, send):
-        responder = _Responder(send)
+        request_id = telemetry.sane_request_id(_header(scope, b"x-request-id")) or telemetry.new_request_id()
+        token = telemetry.REQUEST_ID.set(request_id)
+        responder = _Responder(send, request_id, self.signer)
+        started = time.perf_counter()
+        edge_metrics.IN_FLIGHT.inc()
+        try:
+            await self._route(scope, receive, responder)
+        finally:
+            edge_metrics.IN_FLIGHT.dec()
+            self._observe(scope, responder, time.perf_counter() - started)
+            telemetry.REQUEST_ID.reset(token)
+
+    def _observe(self, scope, responder: "_Responder", elapsed: float) -> None:
+        """Metrics and the log line of one request (never its body or headers)."""
+        path = scope["path"] if scope["path"] in self._routes else "other"
+        self._durations[path].observe(elapsed)
+        status = responder.status or 499  # 499: the client went away before an answer
+        edge_metrics.REQUESTS.labels(path, str(status)).inc()
+        code = responder.response_code
+        if code is not None:
+            if path == REFUND_PATH:
+                edge_metrics.REFUNDS.labels(code.value).inc()
+            elif path == QUERY_PATH:
+                edge_metrics.QUERIES.labels(code.value).inc()
+            if code in _BACKEND_FAILURES:
+                edge_metrics.BACKEND_FAILURES.labels(code.value).inc()
+        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+        if log.isEnabledFor(level):
+            fields = {"method": scope["method"], "path": path, "status": status,
+                      "duration_ms": round(elapsed * 1000, 3)}
+            if code is not None:
+                fields["response_code"] = code.value
+            log.log(level, "%s %s %s", scope["method"], path, status, extra={"fields": fields})
+
+    async def _route(self, scope, receive, responder: "_Responder"):
         try:
             methods = self._routes.get(scope["path"])
             if methods is None:
@@ -134,40 +200,73 @@ class EdgeApp:
             if not responder.started:
                 await responder.answer(answers.system_error())
 
-    # -- POST /direct/refund -------------------------------------------------
+    # -- POST /direct/refund, POST /direct/query --------------------------------
 
     async def _refund(self, scope, receive, responder: "_Responder"):
-        if not _is_json(_header(scope, b"content-type")):
-            await responder.answer(answers.invalid_request("Content-Type must be application/json", 415))
+        key = _idempotency_key(scope)
+        if isinstance(key, Answer):
+            await responder.answer(key)
             return
-        try:
-            body = await self._read_body(scope, receive)
-        except _BodyTooLarge:
-            await responder.answer(answers.invalid_request(
-                f"the body is larger than {self.max_body_bytes} bytes", 413))
+        envelope = await self._signed_envelope(scope, receive, responder)
+        if envelope is None:
             return
-        except _BodyTooSlow:
-            await responder.answer(answers.invalid_request(
-                f"the body did not arrive within {self.body_timeout:g} seconds", 408), ((b"connection", b"close"),))
-            return
-        answer = _parse_envelope(body)
-        if isinstance(answer, Answer):
-            await responder.answer(answer)
-            return
-        request, signature = answer
+        request, signature = envelope
         self._open_channel()
         try:
             reply = await self._refunds.MerchantRefund(
-                refund_pb2.SignedRequest(request=request, signature=signature), timeout=self.deadline)
+                refund_pb2.SignedRequest(request=request, signature=signature, idempotency_key=key),
+                timeout=self.deadline, metadata=((telemetry.METADATA_KEY, responder.request_id),))
         except grpc.RpcError as error:
             answer = answers.from_rpc_error(error)
         else:
             answer = answers.from_reply(reply)
+        await self._answer(responder, answer)
+
+    async def _query(self, scope, receive, responder: "_Responder"):
+        envelope = await self._signed_envelope(scope, receive, responder)
+        if envelope is None:
+            return
+        request, signature = envelope
+        self._open_channel()
+        try:
+            reply = await self._refunds.MerchantGetOrder(
+                refund_pb2.SignedRequest(request=request, signature=signature),
+                timeout=self.deadline, metadata=((telemetry.METADATA_KEY, responder.request_id),))
+        except grpc.RpcError as error:
+            answer = answers.from_rpc_error(error)
+        else:
+            answer = answers.from_order_reply(reply)
+        await self._answer(responder, answer)
+
+    @staticmethod
+    async def _answer(responder: "_Responder", answer: Answer):
         try:
             await responder.answer(answer)
         except answers.UnrenderableAnswer as exc:
             log.error("cannot render the back end's answer (%s): %s", answer.code.name, exc)
             await responder.answer(answers.system_error())
+
+    async def _signed_envelope(self, scope, receive, responder: "_Responder") -> tuple[bytes, str] | None:
+        """(request bytes, signature) of the signed envelope; None once the
+        request has been answered with what is wrong with it."""
+        if not _is_json(_header(scope, b"content-type")):
+            await responder.answer(answers.invalid_request("Content-Type must be application/json", 415))
+            return None
+        try:
+            body = await self._read_body(scope, receive)
+        except _BodyTooLarge:
+            await responder.answer(answers.invalid_request(
+                f"the body is larger than {self.max_body_bytes} bytes", 413))
+            return None
+        except _BodyTooSlow:
+            await responder.answer(answers.invalid_request(
+                f"the body did not arrive within {self.body_timeout:g} seconds", 408), ((b"connection", b"close"),))
+            return None
+        parsed = _parse_envelope(body)
+        if isinstance(parsed, Answer):
+            await responder.answer(parsed)
+            return None
+        return parsed
 
     async def _read_body(self, scope, receive) -> bytes:
         """The whole body, refusing it as soon as it is known to exceed the cap,
@@ -213,6 +312,10 @@ class EdgeApp:
     async def _openapi(self, scope, receive, responder: "_Responder"):
         await responder.send(200, self.openapi)
 
+    async def _metrics(self, scope, receive, responder: "_Responder"):
+        content_type = edge_metrics.CONTENT_TYPE.encode("ascii")
+        await responder.send(200, edge_metrics.exposition(), content_type=content_type)
+
 
 def _parse_envelope(body: bytes) -> tuple[bytes, str] | Answer:
     """(request bytes, signature) from the envelope, or the 1001 answer saying what is wrong."""
@@ -235,6 +338,17 @@ def _parse_envelope(body: bytes) -> tuple[bytes, str] | Answer:
     return raw, signature
 
 
+def _idempotency_key(scope) -> str | Answer:
+    """The Idempotency-Key header ("" without one), or the 1001 answer for a bad one."""
+    values = [value for key, value in scope["headers"] if key == b"idempotency-key"]
+    if not values:
+        return ""
+    key = values[0].decode("latin-1")
+    if len(values) > 1 or not IDEMPOTENCY_KEY.match(key):
+        return answers.invalid_request("Idempotency-Key must be one header of 1 to 64 printable ASCII characters")
+    return key
+
+
 def _header(scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -250,17 +364,31 @@ def _is_json(content_type: str | None) -> bool:
 
 
 class _Responder:
-    """Sends one JSON response and remembers that it did."""
+    """Sends one response (JSON unless told otherwise), with X-Request-Id and,
+    with a signer, X-Signature; remembers its status and response code."""
 
-    def __init__(self, send):
+    def __init__(self, send, request_id: str = "", signer: ResponseSigner | None = None):
         self._send = send
+        self.request_id = request_id
+        self._signer = signer
         self.started = False
+        self.status: int | None = None
+        self.response_code: ResponseCode | None = None
 
     async def answer(self, answer: Answer, extra_headers=()):
-        await self.send(answer.status, answers.render(answer), extra_headers)
+        body = answers.render(answer)
+        self.response_code = answer.code
+        await self.send(answer.status, body, extra_headers)
 
-    async def send(self, status: int, body: bytes, extra_headers=()):
+    async def send(self, status: int, body: bytes, extra_headers=(), content_type: bytes | None = None):
         headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii")), *extra_headers]
+        if content_type is not None:
+            headers[0] = (b"content-type", content_type)
+        if self.request_id:
+            headers.append((b"x-request-id", self.request_id.encode("ascii")))
+        if self._signer is not None:
+            headers.append((b"x-signature", self._signer.signature(body)))
         self.started = True
+        self.status = status
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})

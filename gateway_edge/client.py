@@ -1,6 +1,7 @@
 """`refund-client`: sign a refund request as a merchant and send it to the edge.
 
     refund-client --key merchant.key.pem --merchant-id 3000001 --order-id 1076 --amount 76.19
+    refund-client ... --idempotency-key refund-1076-1 --timestamp
 
 Builds the `request` JSON text (the amount written as a raw JSON number, never
 through a float), signs its UTF-8 bytes with RSASSA-PKCS1-v1_5 / SHA-256,
@@ -20,6 +21,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -32,7 +34,7 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 
 
 def request_text(merchant_id: str, amount: str, order_id: str | None = None,
-                 merchant_reference: str | None = None) -> str:
+                 merchant_reference: str | None = None, timestamp: str | None = None) -> str:
     """The `request` JSON object as text; `amount` is inserted verbatim."""
     if not _JSON_NUMBER.match(amount):
         raise ValueError(f"amount must be a decimal number such as 76.19, got {amount!r}")
@@ -44,6 +46,8 @@ def request_text(merchant_id: str, amount: str, order_id: str | None = None,
     if merchant_reference is not None:
         fields.append(f'"merchantReference":{json.dumps(merchant_reference, ensure_ascii=False)}')
     fields.append(f'"amount":{amount}')
+    if timestamp is not None:
+        fields.append(f'"timestamp":{json.dumps(timestamp)}')
     return "{" + ",".join(fields) + "}"
 
 
@@ -68,10 +72,12 @@ def load_private_key(path: str) -> rsa.RSAPrivateKey:
     return key
 
 
-def post(url: str, body: bytes, timeout: float) -> tuple[int, str, bytes]:
+def post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None) -> tuple[int, str, bytes]:
     """(status, reason, body) of the answer, whatever its status."""
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.reason, response.read()
@@ -96,6 +102,10 @@ def parse_args(argv=None):
     parser.add_argument("--amount", required=True, help="decimal refund amount, e.g. 76.19 (sent as a JSON number)")
     parser.add_argument("--double-base64", action="store_true",
                         help="base64-encode the signature twice, like the published example")
+    parser.add_argument("--idempotency-key", help="send this Idempotency-Key header (1-64 printable ASCII): "
+                                                  "a retry with the same key gets the same answer")
+    parser.add_argument("--timestamp", action="store_true",
+                        help="sign the current time into the request (`timestamp`, for the replay window)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
     parser.add_argument("--dry-run", action="store_true", help="print the signed envelope instead of sending it")
     args = parser.parse_args(argv)
@@ -107,7 +117,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
     try:
-        request = request_text(args.merchant_id, args.amount, args.order_id, args.merchant_reference)
+        timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds") if args.timestamp else None
+        request = request_text(args.merchant_id, args.amount, args.order_id, args.merchant_reference, timestamp)
         key = load_private_key(args.key)
     except (OSError, ValueError, TypeError) as exc:
         parser.error(str(exc))
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
         return 0
     url = endpoint(args.url)
     try:
-        status, reason, answer = post(url, body, args.timeout)
+        status, reason, answer = post(url, body, args.timeout, args.idempotency_key)
     except (urllib.error.URLError, OSError) as exc:
         print(f"refund-client: no answer from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ Listens on --listen / REFUND_HTTP_LISTEN, calls refund-service at
 REFUND_EDGE_DEADLINE seconds. Prints `refund-edge listening on HOST:PORT` once
 it accepts connections. On SIGTERM or SIGINT it stops accepting, lets the
 requests in flight finish (each is bounded by the deadline) and exits 0.
+Logs are JSON lines on stderr. Optional: HTTPS (--tls-cert/--tls-key), TLS or
+mutual TLS to the service (--grpc-tls-*), signed responses (--signing-key).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 
+import grpc
 import uvicorn
 
 from gateway_edge.app import DEFAULT_BODY_TIMEOUT, DEFAULT_DEADLINE, EdgeApp
+from gateway_edge.signer import ResponseSigner
+from service import telemetry
 
 log = logging.getLogger("refund-edge")
 
@@ -61,7 +67,8 @@ class EdgeServer(uvicorn.Server):
     async def startup(self, sockets=None):
         await super().startup(sockets)
         if self.started:
-            print(f"refund-edge listening on {shown(self.sock)}", flush=True)
+            scheme = "https" if self.config.ssl_certfile else "http"
+            print(f"refund-edge listening on {shown(self.sock)} ({scheme})", flush=True)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -89,12 +96,35 @@ def parse_args(argv=None):
                         default=env("REFUND_EDGE_BODY_TIMEOUT") or str(DEFAULT_BODY_TIMEOUT),
                         help="seconds a client may take to send the request body before the answer is 408 "
                              f"(env REFUND_EDGE_BODY_TIMEOUT, default {DEFAULT_BODY_TIMEOUT:g})")
-    parser.add_argument("--access-log", action="store_true", help="log every request (off by default)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="also log uvicorn's access line for every request (off by default)")
     parser.add_argument("--log-level", default=env("REFUND_LOG_LEVEL") or "info",
-                        choices=["debug", "info", "warning", "error"], help="env REFUND_LOG_LEVEL, default info")
+                        choices=["debug", "info", "warning", "error"],
+                        help="info logs one line per merchant request (env REFUND_LOG_LEVEL, default info)")
+    parser.add_argument("--signing-key", default=env("REFUND_EDGE_SIGNING_KEY"),
+                        help="PEM RSA private key to sign every response with (X-Signature); made by "
+                             "`refund-admin gateway-key create` (env REFUND_EDGE_SIGNING_KEY; default: unsigned)")
+    parser.add_argument("--tls-cert", default=env("REFUND_EDGE_TLS_CERT"),
+                        help="PEM certificate (chain) to serve HTTPS with (env REFUND_EDGE_TLS_CERT; default HTTP)")
+    parser.add_argument("--tls-key", default=env("REFUND_EDGE_TLS_KEY"),
+                        help="PEM private key of --tls-cert (env REFUND_EDGE_TLS_KEY)")
+    parser.add_argument("--grpc-tls-ca", default=env("REFUND_EDGE_GRPC_TLS_CA"),
+                        help="PEM CA certificate(s) to verify refund-service with; turns on TLS to the service "
+                             "(env REFUND_EDGE_GRPC_TLS_CA)")
+    parser.add_argument("--grpc-tls-cert", default=env("REFUND_EDGE_GRPC_TLS_CERT"),
+                        help="PEM client certificate for mutual TLS with refund-service "
+                             "(env REFUND_EDGE_GRPC_TLS_CERT)")
+    parser.add_argument("--grpc-tls-key", default=env("REFUND_EDGE_GRPC_TLS_KEY"),
+                        help="PEM private key of --grpc-tls-cert (env REFUND_EDGE_GRPC_TLS_KEY)")
     args = parser.parse_args(argv)
     if not args.deadline > 0 or not args.body_timeout > 0:
         parser.error("--deadline and --body-timeout must be positive numbers of seconds")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
+        parser.error("--grpc-tls-cert and --grpc-tls-key go together")
+    if args.grpc_tls_cert and not args.grpc_tls_ca:
+        parser.error("--grpc-tls-cert needs --grpc-tls-ca (the CA that signed refund-service's certificate)")
     try:
         split_address(args.listen)
     except ValueError as exc:
@@ -102,23 +132,53 @@ def parse_args(argv=None):
     return args
 
 
+def grpc_credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS to refund-service from PEM files (None: plaintext); with a client certificate for mutual TLS."""
+    if not ca:
+        return None
+    with open(ca, "rb") as root:
+        root_certificates = root.read()
+    private_key = certificate_chain = None
+    if cert:
+        with open(key, "rb") as key_file, open(cert, "rb") as cert_file:
+            private_key, certificate_chain = key_file.read(), cert_file.read()
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.configure_logging(args.log_level)
+    try:
+        signer = ResponseSigner.from_file(args.signing_key) if args.signing_key else None
+        credentials = grpc_credentials(args.grpc_tls_ca, args.grpc_tls_cert, args.grpc_tls_key)
+        if args.tls_cert:  # uvicorn loads them again; a bad pair is refused here with a message
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+    except ssl.SSLError as exc:
+        log.error("unusable --tls-cert/--tls-key: %s", exc.reason or exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot read %s: %s", exc.filename, exc.strerror)
+        return 1
+    except (ValueError, TypeError) as exc:  # not a PEM private key, or not RSA
+        log.error("unusable --signing-key %s: %s", args.signing_key, exc)
+        return 1
     try:
         sock = bind(args.listen)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1
-    app = EdgeApp(args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout)
+    app = EdgeApp(args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout, signer=signer,
+                  grpc_credentials=credentials)
     config = uvicorn.Config(
         app, loop="uvloop", http="httptools", ws="none", lifespan="on", interface="asgi3",
         log_config=None, log_level=args.log_level, access_log=args.access_log,
-        server_header=False, proxy_headers=False,
+        server_header=False, proxy_headers=False, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
         # In-flight requests are bounded by the body timeout and the deadline; give them that and a little more.
         timeout_graceful_shutdown=int(args.body_timeout + args.deadline) + 2,
     )
-    log.info("calling refund-service at %s with a %.3gs deadline", args.grpc_target, args.deadline)
+    log.info("calling refund-service at %s (%s) with a %.3gs deadline; responses %s", args.grpc_target,
+             "plaintext" if credentials is None else "mutual TLS" if args.grpc_tls_cert else "TLS", args.deadline,
+             "signed" if signer else "unsigned")
     EdgeServer(config, sock).run(sockets=[sock])
     return 0
 

@@ -5,9 +5,13 @@
     refund-admin demo [--dir DIR]
     refund-admin merchant add ID NAME [--status ACTIVE|SUSPENDED]
     refund-admin merchant suspend|activate|show ID
+    refund-admin merchant timestamp ID required|optional
     refund-admin key add MERCHANT_ID KEY_ID PEM_FILE
     refund-admin key deactivate MERCHANT_ID KEY_ID
     refund-admin balance MERCHANT_ID
+    refund-admin gateway-key create --out FILE
+    refund-admin gateway-key public [--all]
+    refund-admin purge-idempotency [--older-than 48h]
 
 The database is `--database-url`, else REFUND_DATABASE_URL, else
 sqlite:///refund.db; its password is never printed.
@@ -827,6 +831,7 @@ def cmd_merchant_show(args, url: str) -> None:
                             .order_by(schema.merchant_keys.c.created_at, schema.merchant_keys.c.key_id)).all()
         balances = _balances(conn, merchant_id)
     print(f"merchant {merchant.id} {merchant.name!r} {merchant.status}")
+    print(f"signed timestamp: {'required' if merchant.require_timestamp else 'optional'}")
     print("keys:")
     if not keys:
         print("  none")
@@ -887,6 +892,93 @@ def cmd_key_deactivate(args, url: str) -> None:
         print(f"merchant {merchant_id} has no active key left: its signed requests will fail authentication")
 
 
+def cmd_merchant_timestamp(args, url: str) -> None:
+    merchant_id = _merchant_id(args.id)
+    required = args.setting == "required"
+    with _engine(url) as engine, engine.begin() as conn:
+        _merchant(conn, merchant_id)
+        conn.execute(schema.merchants.update().where(schema.merchants.c.id == merchant_id)
+                     .values(require_timestamp=required))
+    if required:
+        print(f"merchant {merchant_id}: signed requests without a timestamp are now refused (1001)")
+    else:
+        print(f"merchant {merchant_id}: a signed timestamp is now optional")
+
+
+# -- the gateway's response-signing key -----------------------------------------
+
+
+def cmd_gateway_key_create(args, url: str) -> None:
+    """A new RSA key: the private key into --out (mode 0600, never overwritten)
+    for refund-edge --signing-key, the public key into the database."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public = _pem(key.public_key())
+    out = Path(args.out)
+    with _engine(url) as engine, engine.begin() as conn:
+        conn.execute(schema.gateway_keys.insert().values(public_key_pem=public, created_at=datetime.now(timezone.utc)))
+        try:
+            descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise AdminError(f"{out} exists; choose another file (a key file is never overwritten)") from None
+        except OSError as exc:
+            raise AdminError(f"cannot create {out}: {exc.strerror}", EXIT_BAD_INPUT) from None
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(private_pem)
+        except OSError as exc:
+            out.unlink(missing_ok=True)
+            raise AdminError(f"cannot write {out}: {exc.strerror}", EXIT_BAD_INPUT) from None
+    print(f"gateway key written to {out} (mode 0600, RSA {args.bits}, sha256 {fingerprint(public)[:16]})")
+    print(f"start refund-edge with --signing-key {out} (or REFUND_EDGE_SIGNING_KEY={out});")
+    print("give merchants the public key printed by: refund-admin gateway-key public")
+
+
+def cmd_gateway_key_public(args, url: str) -> None:
+    """The public key(s) merchants verify X-Signature with, newest first."""
+    with _engine(url) as engine, engine.connect() as conn:
+        rows = conn.execute(sa.select(schema.gateway_keys).order_by(schema.gateway_keys.c.id.desc())).all()
+    if not rows:
+        raise AdminError("no gateway key yet; create one with: refund-admin gateway-key create --out FILE")
+    for row in rows if args.all else rows[:1]:
+        if args.all:
+            created = _utc(row.created_at).isoformat(timespec="seconds")
+            print(f"# gateway key {row.id}, created {created}, sha256 {fingerprint(row.public_key_pem)[:16]}")
+        sys.stdout.write(row.public_key_pem if row.public_key_pem.endswith("\n") else row.public_key_pem + "\n")
+
+
+# -- housekeeping ------------------------------------------------------------
+
+MIN_IDEMPOTENCY_RETENTION = timedelta(hours=24)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`48h`, `2d`, `90m`, `3600s`."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _DURATION_UNITS or not (number.isascii() and number.isdigit()):
+        raise AdminError(f"--older-than {text!r} is not a duration such as 48h, 2d or 90m", EXIT_BAD_INPUT)
+    return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
+
+
+def cmd_purge_idempotency(args, url: str) -> None:
+    """Delete Idempotency-Key answers older than --older-than (at least 24 h:
+    API.md promises 24 h), and replay-guard hashes whose timestamp has left
+    the window. Safe to run at any time, from cron, while the service runs."""
+    age = parse_duration(args.older_than)
+    if age < MIN_IDEMPOTENCY_RETENTION:
+        raise AdminError("--older-than must be at least 24h: merchants are promised their keys for 24 hours",
+                         EXIT_BAD_INPUT)
+    now = datetime.now(timezone.utc)
+    with _engine(url) as engine, engine.begin() as conn:
+        keys = conn.execute(schema.idempotency_keys.delete().where(
+            schema.idempotency_keys.c.created_at < now - age)).rowcount
+        replays = conn.execute(schema.request_replays.delete().where(
+            schema.request_replays.c.expires_at < now)).rowcount
+    print(f"purged {keys} idempotency key(s) older than {args.older_than} and {replays} expired replay hash(es)")
+
+
 # -- command line ------------------------------------------------------------
 
 
@@ -922,6 +1014,11 @@ def build_parser() -> argparse.ArgumentParser:
                             ("show", cmd_merchant_show, "show a merchant, its keys and balances")):
         command(merchants, name, run, help).add_argument("id", metavar="ID")
 
+    timestamp = command(merchants, "timestamp", cmd_merchant_timestamp,
+                        "require a signed timestamp in the merchant's requests, or make it optional again")
+    timestamp.add_argument("id", metavar="ID")
+    timestamp.add_argument("setting", choices=("required", "optional"))
+
     key = commands.add_parser("key", parents=[common], help="add or deactivate a merchant's public key")
     keys = key.add_subparsers(dest="action", required=True, metavar="ACTION")
     key_add = command(keys, "add", cmd_key_add, "register a merchant's RSA public key (PEM), active")
@@ -934,6 +1031,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     balance = command(commands, "balance", cmd_balance, "show a merchant's unsettled balances")
     balance.add_argument("merchant_id", metavar="MERCHANT_ID")
+
+    gateway = commands.add_parser("gateway-key", parents=[common],
+                                  help="the key refund-edge signs its responses with (X-Signature)")
+    gateway_keys = gateway.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = command(gateway_keys, "create", cmd_gateway_key_create,
+                     "make a new key: private key into --out (mode 0600) for refund-edge --signing-key, "
+                     "public key into the database")
+    create.add_argument("--out", required=True, metavar="FILE", help="where to write the private key (must not exist)")
+    create.add_argument("--bits", type=int, choices=(2048, 3072, 4096), default=2048)
+    public = command(gateway_keys, "public", cmd_gateway_key_public,
+                     "print the newest gateway public key (PEM), for merchants to verify X-Signature")
+    public.add_argument("--all", action="store_true", help="every gateway key ever created, newest first")
+
+    purge = command(commands, "purge-idempotency", cmd_purge_idempotency,
+                    "delete stored Idempotency-Key answers older than --older-than and expired replay hashes")
+    purge.add_argument("--older-than", default="48h", metavar="DURATION",
+                       help="e.g. 48h, 7d; at least 24h (default 48h)")
     return parser
 
 

@@ -9,8 +9,10 @@ name, plus a RefundDecline detail when the caller's order exists).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from datetime import datetime
+import re
+from datetime import datetime, timedelta, timezone
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
@@ -18,9 +20,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import domain, signing
+from service import domain, freshness, metrics, signing
 from service.domain import ResponseCode
-from service.store import InsufficientBalance, Sale, SaleConflict, Store, StoreUnavailable, utc_now
+from service.store import (
+    ClaimState,
+    InsufficientBalance,
+    Sale,
+    SaleConflict,
+    Store,
+    StoreUnavailable,
+    utc_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,17 @@ GRPC_CODES = {
 # Margin left to answer UNAVAILABLE before the caller's deadline expires.
 DEADLINE_MARGIN = 0.05
 
+# Idempotency-Key (API.md section 7): 1-64 printable ASCII characters.
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
+# Answers that say nothing was decided: not stored, the key is released and a retry runs again.
+UNSTORED_ANSWERS = frozenset(code.value for code in (
+    ResponseCode.SERVICE_UNAVAILABLE, ResponseCode.SYSTEM_ERROR, ResponseCode.REQUEST_EXPIRED,
+    ResponseCode.AUTHENTICATION_FAILED))
+# How often a call waits-and-looks while another call holds its key.
+CLAIM_POLL_SECONDS = 0.02
+# A claim this old without an answer belongs to a call that died: it may be taken over.
+MIN_CLAIM_LEASE_SECONDS = 60.0
+
 
 class RpcError(Exception):
     """An error answer: grpc code, reason, message and optional detail."""
@@ -62,15 +83,30 @@ class RpcError(Exception):
     def of(cls, response: ResponseCode, message: str, decline: refund_pb2.RefundDecline | None = None) -> "RpcError":
         return cls(GRPC_CODES[response], response.name, message, response.value, decline)
 
-    def to_status(self) -> grpc.Status:
+    def to_proto(self) -> status_pb2.Status:
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)
         if self.response_code:
             info.metadata["responseCode"] = self.response_code
         details = [_pack(info)]
         if self.decline is not None:
             details.append(_pack(self.decline))
-        status = status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message, details=details)
-        return rpc_status.to_status(status)
+        return status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message, details=details)
+
+    def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_proto())
+
+    @classmethod
+    def from_proto(cls, status: status_pb2.Status) -> "RpcError":
+        """The error that to_proto() wrote (a stored Idempotency-Key answer)."""
+        info, decline = error_details_pb2.ErrorInfo(), None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                detail.Unpack(info)
+            elif detail.Is(refund_pb2.RefundDecline.DESCRIPTOR):
+                decline = refund_pb2.RefundDecline()
+                detail.Unpack(decline)
+        return cls(grpc.StatusCode[code_pb2.Code.Name(status.code)], info.reason, status.message,
+                   info.metadata.get("responseCode", ""), decline)
 
 
 def _pack(message) -> any_pb2.Any:
@@ -79,10 +115,15 @@ def _pack(message) -> any_pb2.Any:
     return packed
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+    """Timestamp.FromDatetime's result (a naive datetime is UTC), in a quarter of its time."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    delta = moment - _EPOCH
+    return timestamp_pb2.Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def order_message(order: domain.Order) -> refund_pb2.Order:
@@ -116,27 +157,52 @@ def _order_key(order_id: int, merchant_reference: str) -> tuple[int | None, str 
     return (order_id or None), (merchant_reference or None)
 
 
+def stored_answer(answer: refund_pb2.RefundResponse | RpcError) -> bytes:
+    """An answer as an Idempotency-Key keeps it: a serialized google.rpc.Status,
+    code OK with the RefundResponse as its one detail, or the rich error."""
+    if isinstance(answer, RpcError):
+        return answer.to_proto().SerializeToString()
+    return status_pb2.Status(code=code_pb2.OK, details=[_pack(answer)]).SerializeToString()
+
+
+def replayed_answer(stored: bytes) -> refund_pb2.RefundResponse:
+    """The stored answer again: the RefundResponse, or raises the stored RpcError."""
+    status = status_pb2.Status.FromString(stored)
+    if status.code != code_pb2.OK:
+        raise RpcError.from_proto(status)
+    reply = refund_pb2.RefundResponse()
+    status.details[0].Unpack(reply)
+    return reply
+
+
 class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
     def __init__(self, store: Store, db_timeout: float = 5.0):
         self._store = store
         self._db_timeout = db_timeout
+        self._claim_lease = timedelta(seconds=max(MIN_CLAIM_LEASE_SECONDS, 4 * db_timeout))
+        self._background: set[asyncio.Task] = set()
 
     async def _call(self, context: grpc.aio.ServicerContext, operation):
         """Run one store operation within the caller's deadline; answer rich errors."""
         remaining = context.time_remaining()
         timeout = self._db_timeout if remaining is None else max(0.0, min(self._db_timeout, remaining - DEADLINE_MARGIN))
         try:
-            return await asyncio.wait_for(operation(), timeout)
+            async with asyncio.timeout(timeout):  # in this task: wait_for would start a task per call
+                reply = await operation()
+            metrics.note_outcome(ResponseCode.SUCCESS.value)
+            return reply
         except RpcError as exc:
             error = exc
         except domain.DomainError as exc:
             error = RpcError.of(exc.code, exc.message)
         except (StoreUnavailable, asyncio.TimeoutError) as exc:
+            metrics.database_error("timeout" if isinstance(exc, asyncio.TimeoutError) else "unavailable")
             log.warning("database unavailable: %s", type(exc).__name__ if not str(exc) else exc)
             error = RpcError.of(ResponseCode.SERVICE_UNAVAILABLE, "the service is unavailable, retry later")
         except Exception:
             log.exception("unexpected error")
             error = RpcError.of(ResponseCode.SYSTEM_ERROR, "system error")
+        metrics.note_outcome(error.response_code or error.reason, error.code)
         status = error.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -151,25 +217,108 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
 
     async def MerchantRefund(self, request, context):
         async def operation():
-            command = await signing.authenticated_command(self._store, request.request, request.signature)
-            return refund_answer(await self._store.refund(command))
+            key = request.idempotency_key
+            if key and not IDEMPOTENCY_KEY.match(key):
+                raise domain.InvalidRequest("Idempotency-Key must be 1 to 64 printable ASCII characters")
+            # Without a key the refund follows at once: read the order with the merchant's keys.
+            signed = await signing.authenticate(self._store, request.request, request.signature,
+                                                prefetch_order=not key)
+            if key:
+                return await self._idempotent(signed, key, lambda: self._signed_refund(signed))
+            return await self._signed_refund(signed)
+
+        return await self._call(context, operation)
+
+    async def _signed_refund(self, signed: signing.Authenticated) -> refund_pb2.RefundResponse:
+        signing.check_active(signed)
+        await freshness.check(self._store, signed, utc_now)
+        command = signing.command_from(signed.fields)
+        if signed.prefetched is not None and signed.prefetched[0] == (command.order_id, command.merchant_reference):
+            return refund_answer(await self._store.refund(command, signed.prefetched[1]))
+        return refund_answer(await self._store.refund(command))
+
+    async def _idempotent(self, signed: signing.Authenticated, key: str, execute) -> refund_pb2.RefundResponse:
+        """Run `execute` at most once for (merchant, key): the first call claims the
+        key (a row the primary key keeps unique across processes), runs, and
+        stores its answer; a later call with the same request bytes gets that
+        answer again, one with other bytes 1003. A call that finds the key
+        claimed by a call still running waits for that call's answer (within
+        its own deadline)."""
+        request_hash = hashlib.sha256(signed.request).hexdigest()
+        while True:
+            now = utc_now()
+            claim = await self._store.claim_idempotency(signed.merchant_id, key, request_hash, now,
+                                                        now - self._claim_lease)
+            if claim.state is ClaimState.CLAIMED:
+                break
+            if claim.state is ClaimState.STORED:
+                return replayed_answer(claim.response)
+            if claim.state is ClaimState.CONFLICT:
+                raise RpcError.of(ResponseCode.IDEMPOTENCY_CONFLICT,
+                                  "this Idempotency-Key was used with a different request")
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+        try:
+            reply = await execute()
+        except (RpcError, domain.DomainError) as exc:
+            error = exc if isinstance(exc, RpcError) else RpcError.of(exc.code, exc.message)
+            if error.response_code in UNSTORED_ANSWERS:
+                self._release_later(signed.merchant_id, key, claim.claimed_at)
+            else:
+                await self._store.finish_idempotency(signed.merchant_id, key, claim.claimed_at, stored_answer(error))
+            raise error from None
+        except BaseException:  # unavailable, timed out, cancelled, a bug: nothing to store
+            self._release_later(signed.merchant_id, key, claim.claimed_at)
+            raise
+        await self._store.finish_idempotency(signed.merchant_id, key, claim.claimed_at, stored_answer(reply))
+        return reply
+
+    def _release_later(self, merchant_id: int, key: str, claimed_at: datetime) -> None:
+        """Free a key whose call decided nothing, in the background (this call
+        may be cancelled by its deadline). If it fails, the claim goes stale
+        after the lease and the next call with the key takes it over."""
+        async def release():
+            try:
+                await self._store.finish_idempotency(merchant_id, key, claimed_at, None)
+            except Exception as exc:
+                log.warning("could not release an Idempotency-Key (it frees itself after %ss): %s",
+                            int(self._claim_lease.total_seconds()), type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def MerchantGetOrder(self, request, context):
+        async def operation():
+            signed = await signing.authenticate(self._store, request.request, request.signature)
+            signing.check_active(signed)
+            await freshness.check(self._store, signed, utc_now)
+            order_id, reference = signing.order_key(signed.fields)
+            if order_id is None and reference is None:
+                raise domain.InvalidRequest("orderId or merchantReference is required")
+            if order_id is not None and not 0 < order_id <= domain.MAX_MINOR_UNITS:
+                raise domain.InvalidRequest("orderId must be a positive integer")
+            return await self._order_with_transactions(signed.merchant_id, order_id, reference)
 
         return await self._call(context, operation)
 
     async def GetOrder(self, request, context):
         async def operation():
             merchant_id = domain.parse_merchant_id(request.merchant_id)
-            order_id, reference = _order_key(request.order_id, request.merchant_reference)
-            if order_id is None and reference is None:
-                raise domain.InvalidRequest("order_id or merchant_reference is required")
-            found = await self._store.get_order(merchant_id, order_id, reference)
-            if found is None or (reference and order_id and found[0].merchant_reference != reference):
-                raise RpcError.of(ResponseCode.ORDER_NOT_FOUND, "order not found")
-            order, transactions = found
-            return refund_pb2.GetOrderResponse(
-                order=order_message(order), transactions=[transaction_message(t) for t in transactions])
+            return await self._order_with_transactions(
+                merchant_id, *_order_key(request.order_id, request.merchant_reference))
 
         return await self._call(context, operation)
+
+    async def _order_with_transactions(self, merchant_id: int, order_id: int | None,
+                                       reference: str | None) -> refund_pb2.GetOrderResponse:
+        if order_id is None and reference is None:
+            raise domain.InvalidRequest("order_id or merchant_reference is required")
+        found = await self._store.get_order(merchant_id, order_id, reference)
+        if found is None or (reference and order_id and found[0].merchant_reference != reference):
+            raise RpcError.of(ResponseCode.ORDER_NOT_FOUND, "order not found")
+        order, transactions = found
+        return refund_pb2.GetOrderResponse(
+            order=order_message(order), transactions=[transaction_message(t) for t in transactions])
 
     async def RecordSale(self, request, context):
         async def operation():

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.grpc_client", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=os.environ.get("REFUND_GRPC_TARGET", "127.0.0.1:50051"))
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--tls-ca", help="PEM CA of the service's certificate: connect over TLS")
+    parser.add_argument("--tls-cert", help="PEM client certificate, for a service that requires mutual TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True)
     refund = commands.add_parser("refund", help="refund an order")
     get = commands.add_parser("get-order", help="show an order and its transactions")
@@ -50,7 +54,15 @@ def main(argv=None) -> int:
     refund.add_argument("--amount", required=True, help='decimal text, e.g. "76.19"')
     args = parser.parse_args(argv)
 
-    with grpc.insecure_channel(args.target) as channel:
+    if args.tls_ca:
+        def read(path):
+            return Path(path).read_bytes() if path else None
+
+        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+        channel = grpc.secure_channel(args.target, credentials)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    with channel:
         stub = refund_pb2_grpc.RefundServiceStub(channel)
         key = dict(merchant_id=args.merchant_id, order_id=args.order_id, merchant_reference=args.merchant_reference)
         try:

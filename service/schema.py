@@ -30,6 +30,8 @@ merchants = sa.Table(
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
+    # Signed requests without a `timestamp` are refused (API.md section 7).
+    sa.Column("require_timestamp", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("status IN ('ACTIVE', 'SUSPENDED')", name="ck_merchant_status"),
 )
 
@@ -108,5 +110,40 @@ refund_attempts = sa.Table(
     sa.Column("amount", sa.String(64), nullable=False),
     sa.Column("response_code", sa.String(4), nullable=False),
     sa.Column("transaction_id", sa.BigInteger, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Idempotency-Key of a merchant (API.md section 7): the hash of the request
+# first sent with it and, once decided, its answer (a serialized
+# google.rpc.Status). `response` is NULL while that request is in progress.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("merchant_id", sa.BigInteger, primary_key=True),
+    sa.Column("idempotency_key", sa.String(64), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("response", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_idempotency_keys_created_at", "created_at"),
+)
+
+# SHA-256 of every signed request that carried a `timestamp`, kept until the
+# timestamp is outside the window: the same signed bytes are accepted once.
+request_replays = sa.Table(
+    "request_replays",
+    metadata,
+    sa.Column("request_hash", sa.String(64), primary_key=True),
+    sa.Column("merchant_id", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_request_replays_expires_at", "expires_at"),
+)
+
+# Public keys of the gateway's response-signing keys (`refund-admin gateway-key`);
+# the private key is a file given to refund-edge, never stored here.
+gateway_keys = sa.Table(
+    "gateway_keys",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("public_key_pem", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )

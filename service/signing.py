@@ -12,6 +12,7 @@ import base64
 import binascii
 import functools
 import logging
+from dataclasses import dataclass
 from decimal import Decimal
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from service import domain, strict_json
 from service.domain import ResponseCode
+from service.store import MerchantCredentials
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +110,8 @@ def parse_request(request: bytes) -> dict:
     return fields
 
 
-def command_from(fields: dict) -> domain.RefundCommand:
-    """A RefundCommand from the fields of a verified request (API.md section 2)."""
+def order_key(fields: dict) -> tuple[int | None, str | None]:
+    """(orderId, merchantReference) of a verified request, each None when absent."""
     order_id = fields.get("orderId")
     if order_id is not None:
         if isinstance(order_id, str) and order_id.isascii() and order_id.isdigit() and len(order_id) <= 19:
@@ -122,21 +124,76 @@ def command_from(fields: dict) -> domain.RefundCommand:
     reference = fields.get("merchantReference")
     if reference is not None and not isinstance(reference, str):
         raise domain.InvalidRequest("merchantReference must be a string")
+    return order_id, reference or None
+
+
+def command_from(fields: dict) -> domain.RefundCommand:
+    """A RefundCommand from the fields of a verified request (API.md section 2)."""
+    order_id, reference = order_key(fields)
     if "amount" not in fields:
         raise domain.InvalidRequest("amount is required")
     amount = fields["amount"]
     if not isinstance(amount, Decimal):
         raise domain.InvalidRequest("amount must be a JSON number")
     domain.parse_decimal(amount)  # INVALID_AMOUNT for zero, negative, not finite
-    return domain.RefundCommand(domain.parse_merchant_id(fields["merchantId"]), order_id, reference or None, str(amount))
+    return domain.RefundCommand(domain.parse_merchant_id(fields["merchantId"]), order_id, reference, str(amount))
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """A signed request whose signature verified with one of the merchant's active keys."""
+
+    request: bytes
+    fields: dict
+    merchant_id: int
+    credentials: MerchantCredentials
+    # ((orderId, merchantReference), the order's snapshot or None) when read with the credentials
+    prefetched: tuple | None = None
+
+
+async def authenticate(store, request: bytes, signature: str, *, prefetch_order: bool = False) -> Authenticated:
+    """Parse a signed request and verify its signature (2001 otherwise).
+
+    With `prefetch_order`, a store that can (PostgreSQL) reads the order's
+    snapshot in the same round trip as the merchant's keys; it is kept in
+    `prefetched` for the refund, and nothing of it is used unless the
+    signature verifies."""
+    fields = parse_request(request)
+    merchant_id = domain.parse_merchant_id(fields["merchantId"])
+    key = _prefetchable_order_key(fields) if prefetch_order and hasattr(store, "credentials_and_snapshot") else None
+    prefetched = None
+    if key is not None:
+        credentials, snapshot = await store.credentials_and_snapshot(merchant_id, *key)
+        prefetched = (key, snapshot)
+    else:
+        credentials = await store.merchant_credentials(merchant_id)
+    if credentials is None or not verify(request, signature, credentials.public_keys_pem):
+        raise AuthenticationFailed("authentication failed")
+    return Authenticated(request, fields, merchant_id, credentials, prefetched)
+
+
+def _prefetchable_order_key(fields: dict) -> tuple[int | None, str | None] | None:
+    """The order key a refund of these fields would use, or None when the fields are
+    not a valid one (the refund then reads nothing early and answers the error)."""
+    try:
+        order_id, reference = order_key(fields)
+    except domain.DomainError:
+        return None
+    if order_id is None and reference is None:
+        return None
+    if (order_id is not None and not 0 < order_id <= domain.MAX_MINOR_UNITS) or \
+            (reference is not None and len(reference) > 128):
+        return None
+    return order_id, reference
+
+
+def check_active(signed: Authenticated) -> None:
+    if signed.credentials.status != "ACTIVE":
+        raise MerchantInactive("merchant is not active")
 
 
 async def authenticated_command(store, request: bytes, signature: str) -> domain.RefundCommand:
     """Parse, authenticate and validate a signed refund request."""
-    fields = parse_request(request)
-    credentials = await store.merchant_credentials(domain.parse_merchant_id(fields["merchantId"]))
-    if credentials is None or not verify(request, signature, credentials.public_keys_pem):
-        raise AuthenticationFailed("authentication failed")
-    if credentials.status != "ACTIVE":
-        raise MerchantInactive("merchant is not active")
-    return command_from(fields)
+    signed = await authenticate(store, request, signature)
+    check_active(signed)
+    return command_from(signed.fields)

@@ -9,6 +9,7 @@ single writer thread).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
@@ -45,6 +46,37 @@ class Sale:
 class MerchantCredentials:
     status: str
     public_keys_pem: tuple[str, ...]
+    require_timestamp: bool = False
+
+
+class ClaimState(enum.Enum):
+    CLAIMED = "claimed"          # the key is ours: run the request, then store or release its answer
+    STORED = "stored"            # the key holds the answer of this same request
+    CONFLICT = "conflict"        # the key was first used with other request bytes
+    IN_PROGRESS = "in_progress"  # another call with the key and these bytes is running
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What claiming an Idempotency-Key found. `claimed_at` identifies our
+    claim (finish_idempotency changes the row only while it is still ours)."""
+
+    state: ClaimState
+    response: bytes | None = None
+    claimed_at: datetime | None = None
+
+
+def judge_claim(row_hash: str, response: bytes | None, created_at: datetime, request_hash: str,
+                stale_before: datetime) -> Claim | None:
+    """The claim for an existing key row; None when a stale claim (its process
+    died or gave up) may be taken over."""
+    if row_hash != request_hash:
+        return Claim(ClaimState.CONFLICT)
+    if response is not None:
+        return Claim(ClaimState.STORED, bytes(response))
+    if created_at >= stale_before:
+        return Claim(ClaimState.IN_PROGRESS)
+    return None
 
 
 class Store(Protocol):
@@ -59,6 +91,21 @@ class Store(Protocol):
     async def settle(self, merchant_id: int, currency: str, amount: int) -> int: ...
 
     async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None: ...
+
+    # Idempotency-Key and replay window (API.md section 7): used only by
+    # requests that carry a key or a timestamp.
+
+    async def claim_idempotency(self, merchant_id: int, key: str, request_hash: str, now: datetime,
+                                stale_before: datetime) -> Claim:
+        """Insert the key as in progress, or report what it holds. A claim
+        older than `stale_before` that never got an answer is taken over."""
+
+    async def finish_idempotency(self, merchant_id: int, key: str, claimed_at: datetime,
+                                 response: bytes | None) -> None:
+        """Store the answer of our claim, or (response None) release the key."""
+
+    async def remember_request(self, request_hash: str, merchant_id: int, expires_at: datetime) -> bool:
+        """Record a signed request's hash; False when it was seen before."""
 
     async def ping(self) -> None: ...
 

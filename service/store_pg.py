@@ -28,11 +28,14 @@ from sqlalchemy.engine import make_url
 
 from service import domain
 from service.store import (
+    Claim,
+    ClaimState,
     InsufficientBalance,
     MerchantCredentials,
     Sale,
     SaleConflict,
     StoreUnavailable,
+    judge_claim,
     same_sale,
     utc_now,
 )
@@ -51,11 +54,28 @@ WHERE o.merchant_id = $1 AND """
 SNAPSHOT_BY_ID = _SNAPSHOT + "o.id = $2"
 SNAPSHOT_BY_REFERENCE = _SNAPSHOT + "o.merchant_reference = $2"
 
+# MerchantRefund's first read, one statement instead of two: the merchant's
+# status and active keys (newest first) with the order's snapshot, NULL columns
+# when there is no such order. The snapshot is looked at only once the
+# signature has verified.
+_CREDENTIALS_AND_SNAPSHOT = f"""
+SELECT m.status, m.require_timestamp,
+       ARRAY(SELECT k.public_key_pem FROM merchant_keys k WHERE k.merchant_id = m.id AND k.active
+             ORDER BY k.created_at DESC) AS public_keys,
+       s.*
+FROM merchants m
+LEFT JOIN LATERAL ({_SNAPSHOT}"""
+CREDENTIALS_AND_SNAPSHOT_BY_ID = _CREDENTIALS_AND_SNAPSHOT + "o.id = $2) s ON true WHERE m.id = $1"
+CREDENTIALS_AND_SNAPSHOT_BY_REFERENCE = _CREDENTIALS_AND_SNAPSHOT + "o.merchant_reference = $2) s ON true WHERE m.id = $1"
+
+# refund()'s `prefetched` when the caller has not read the snapshot.
+NOT_READ = object()
+
 BALANCE = "SELECT unsettled FROM balances WHERE merchant_id = $1 AND currency = $2"
 
 # $1 merchant, $2 order, $3 currency, $4 amount, $5 new status, $6 now,
 # $7 requested reference, $8 requested amount text, $9 status the decision read
-APPLY_REFUND = """
+_APPLY_REFUND = """
 WITH marked AS (
     UPDATE orders SET status = $5, update_time = $6
     WHERE id = $2 AND merchant_id = $1 AND status = $9
@@ -65,7 +85,7 @@ WITH marked AS (
     WHERE merchant_id = $1 AND currency = $3 AND unsettled >= $4 AND EXISTS (SELECT 1 FROM marked)
     RETURNING 1
 ), new_id AS (
-    SELECT nextval(pg_get_serial_sequence('transactions', 'id')) AS id FROM marked
+    SELECT nextval({sequence}) AS id FROM marked
 ), refund AS (
     INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
     SELECT new_id.id, $2, $1, 'REFUND', $3,
@@ -80,6 +100,14 @@ WITH marked AS (
     SELECT $1, $2, $7, $8, '0000', refund.id, $6 FROM refund
 )
 SELECT id, masked_pan, stan FROM refund"""
+# The transactions' id sequence, looked up per statement; a store resolves it
+# once (resolved_apply_refund) and runs APPLY_REFUND with the regclass constant.
+APPLY_REFUND = _APPLY_REFUND.format(sequence="pg_get_serial_sequence('transactions', 'id')")
+
+
+def resolved_apply_refund(sequence: str) -> str:
+    """APPLY_REFUND naming the sequence, e.g. 'public.transactions_id_seq', as a constant."""
+    return _APPLY_REFUND.format(sequence="'" + sequence.replace("'", "''") + "'::regclass")
 
 # Attempts to decide one refund when the state keeps moving between read and write.
 MAX_DECISIONS = 5
@@ -87,6 +115,25 @@ MAX_DECISIONS = 5
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+
+# Idempotency keys: the primary key (merchant_id, idempotency_key) lets one
+# call at a time hold a key; `created_at` identifies the claim that holds it.
+CLAIM_KEY = """
+INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash, response, created_at)
+VALUES ($1, $2, $3, NULL, $4) ON CONFLICT DO NOTHING RETURNING 1"""
+READ_KEY = """
+SELECT request_hash, response, created_at FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2"""
+TAKE_OVER_KEY = """
+UPDATE idempotency_keys SET created_at = $3
+WHERE merchant_id = $1 AND idempotency_key = $2 AND created_at = $4 AND response IS NULL RETURNING 1"""
+STORE_ANSWER = """
+UPDATE idempotency_keys SET response = $4
+WHERE merchant_id = $1 AND idempotency_key = $2 AND created_at = $3 AND response IS NULL"""
+RELEASE_KEY = """
+DELETE FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2 AND created_at = $3 AND response IS NULL"""
+REMEMBER_REQUEST = """
+INSERT INTO request_replays (request_hash, merchant_id, expires_at) VALUES ($1, $2, $3)
+ON CONFLICT DO NOTHING RETURNING 1"""
 
 _UNAVAILABLE = (
     OSError,
@@ -107,6 +154,12 @@ def _transaction(row) -> domain.Transaction:
     return domain.Transaction(*row[:10])
 
 
+def _snapshot_of(values: tuple) -> domain.OrderSnapshot:
+    """From the columns of _SNAPSHOT: order (9), capability, balance, refund transaction (10, NULL if none)."""
+    refund = _transaction(values[11:]) if values[11] is not None else None
+    return domain.OrderSnapshot(_order(values), values[9], values[10], refund)
+
+
 async def _keep_session(_connection) -> None:
     """Connections go back to the pool as they are: the service sets no session
     state (asyncpg still rolls back a transaction left open), which saves the
@@ -117,6 +170,7 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, command_timeout: float):
         self._pool = pool
         self._timeout = command_timeout
+        self._apply_refund: str | None = None  # APPLY_REFUND with the sequence resolved, on first use
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0,
@@ -149,10 +203,15 @@ class PostgresStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
-    async def refund(self, command: domain.RefundCommand) -> domain.RefundResult:
+    async def refund(self, command: domain.RefundCommand, prefetched=NOT_READ) -> domain.RefundResult:
+        """`prefetched`: the snapshot of the command's order from credentials_and_snapshot(),
+        decided on instead of a first read (APPLY_REFUND re-checks it like any read)."""
         async with self._connection() as conn:
             for _ in range(MAX_DECISIONS):
-                snapshot = await self._snapshot(conn, command)
+                if prefetched is NOT_READ:
+                    snapshot = await self._snapshot(conn, command)
+                else:
+                    snapshot, prefetched = prefetched, NOT_READ
                 decision = domain.decide(command, snapshot)
                 now = utc_now()
                 if not decision.approved:
@@ -161,9 +220,12 @@ class PostgresStore:
                                        command.amount[:64], decision.code.value, None, now)
                     return domain.result_of(decision, snapshot)
                 order = snapshot.order
+                if self._apply_refund is None:
+                    sequence = await conn.fetchval("SELECT pg_get_serial_sequence('transactions', 'id')")
+                    self._apply_refund = resolved_apply_refund(sequence) if sequence else APPLY_REFUND
                 try:
                     applied = await conn.fetchrow(
-                        APPLY_REFUND, command.merchant_id, order.id, order.currency, decision.amount,
+                        self._apply_refund, command.merchant_id, order.id, order.currency, decision.amount,
                         decision.new_status, now, command.merchant_reference, command.amount[:64], order.status)
                 except asyncpg.NotNullViolationError:
                     applied = None  # the balance fell below the amount since the read
@@ -179,11 +241,7 @@ class PostgresStore:
             row = await conn.fetchrow(SNAPSHOT_BY_ID, command.merchant_id, command.order_id)
         else:
             row = await conn.fetchrow(SNAPSHOT_BY_REFERENCE, command.merchant_id, command.merchant_reference)
-        if row is None:
-            return None
-        values = tuple(row)  # order (9 columns), capability, balance, refund transaction (10, NULL if none)
-        refund = _transaction(values[11:]) if values[11] is not None else None
-        return domain.OrderSnapshot(_order(values), values[9], values[10], refund)
+        return None if row is None else _snapshot_of(tuple(row))
 
     async def get_order(self, merchant_id, order_id, merchant_reference):
         async with self._connection() as conn:
@@ -252,12 +310,56 @@ class PostgresStore:
     async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """SELECT m.status, k.public_key_pem FROM merchants m
+                """SELECT m.status, k.public_key_pem, m.require_timestamp FROM merchants m
                    LEFT JOIN merchant_keys k ON k.merchant_id = m.id AND k.active
                    WHERE m.id = $1 ORDER BY k.created_at DESC""", merchant_id)
         if not rows:
             return None
-        return MerchantCredentials(rows[0]["status"], tuple(r["public_key_pem"] for r in rows if r["public_key_pem"]))
+        return MerchantCredentials(rows[0]["status"], tuple(r["public_key_pem"] for r in rows if r["public_key_pem"]),
+                                   rows[0]["require_timestamp"])
+
+    async def credentials_and_snapshot(self, merchant_id: int, order_id: int | None, reference: str | None):
+        """(merchant_credentials(merchant_id), the snapshot of the merchant's order) in one round trip;
+        the snapshot is None when there is no such order."""
+        async with self._connection() as conn:
+            if order_id is not None:
+                row = await conn.fetchrow(CREDENTIALS_AND_SNAPSHOT_BY_ID, merchant_id, order_id)
+            else:
+                row = await conn.fetchrow(CREDENTIALS_AND_SNAPSHOT_BY_REFERENCE, merchant_id, reference)
+        if row is None:
+            return None, None
+        values = tuple(row)
+        credentials = MerchantCredentials(values[0], tuple(k for k in values[2] if k), values[1])
+        return credentials, (_snapshot_of(values[3:]) if values[3] is not None else None)
+
+    # -- Idempotency-Key and replay window (only for requests that carry them) --
+
+    async def claim_idempotency(self, merchant_id, key, request_hash, now, stale_before) -> Claim:
+        async with self._connection() as conn:
+            for _ in range(3):  # a key released between our insert and our read: try again
+                if await conn.fetchval(CLAIM_KEY, merchant_id, key, request_hash, now) is not None:
+                    return Claim(ClaimState.CLAIMED, claimed_at=now)
+                row = await conn.fetchrow(READ_KEY, merchant_id, key)
+                if row is None:
+                    continue
+                claim = judge_claim(row["request_hash"], row["response"], row["created_at"], request_hash,
+                                    stale_before)
+                if claim is not None:
+                    return claim
+                if await conn.fetchval(TAKE_OVER_KEY, merchant_id, key, now, row["created_at"]) is not None:
+                    return Claim(ClaimState.CLAIMED, claimed_at=now)
+        return Claim(ClaimState.IN_PROGRESS)
+
+    async def finish_idempotency(self, merchant_id, key, claimed_at, response) -> None:
+        async with self._connection() as conn:
+            if response is None:
+                await conn.execute(RELEASE_KEY, merchant_id, key, claimed_at)
+            else:
+                await conn.execute(STORE_ANSWER, merchant_id, key, claimed_at, response)
+
+    async def remember_request(self, request_hash, merchant_id, expires_at) -> bool:
+        async with self._connection() as conn:
+            return await conn.fetchval(REMEMBER_REQUEST, request_hash, merchant_id, expires_at) is not None
 
     async def ping(self) -> None:
         async with self._connection() as conn:

@@ -20,11 +20,14 @@ from sqlalchemy.engine import make_url
 
 from service import domain
 from service.store import (
+    Claim,
+    ClaimState,
     InsufficientBalance,
     MerchantCredentials,
     Sale,
     SaleConflict,
     StoreUnavailable,
+    judge_claim,
     same_sale,
     stan_for,
     utc_now,
@@ -194,12 +197,55 @@ class SqliteStore:
     @staticmethod
     def _merchant_credentials(db, merchant_id):
         rows = db.execute(
-            """SELECT m.status, k.public_key_pem FROM merchants m
+            """SELECT m.status, k.public_key_pem, m.require_timestamp FROM merchants m
                LEFT JOIN merchant_keys k ON k.merchant_id = m.id AND k.active
                WHERE m.id = ? ORDER BY k.created_at DESC""", (merchant_id,)).fetchall()
         if not rows:
             return None
-        return MerchantCredentials(rows[0][0], tuple(r[1] for r in rows if r[1]))
+        return MerchantCredentials(rows[0][0], tuple(r[1] for r in rows if r[1]), bool(rows[0][2]))
+
+    # -- Idempotency-Key and replay window (only for requests that carry them) --
+
+    async def claim_idempotency(self, merchant_id, key, request_hash, now, stale_before) -> Claim:
+        return await self._run(self._claim_idempotency, merchant_id, key, request_hash, now, stale_before)
+
+    @staticmethod
+    def _claim_idempotency(connection, merchant_id, key, request_hash, now, stale_before):
+        with _WriteTransaction(connection) as db:  # the write lock: one claimer at a time
+            row = db.execute("SELECT request_hash, response, created_at FROM idempotency_keys "
+                             "WHERE merchant_id = ? AND idempotency_key = ?", (merchant_id, key)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash, response, "
+                           "created_at) VALUES (?, ?, ?, NULL, ?)", (merchant_id, key, request_hash, to_text(now)))
+                return Claim(ClaimState.CLAIMED, claimed_at=now)
+            claim = judge_claim(row[0], row[1], from_text(row[2]), request_hash, stale_before)
+            if claim is not None:
+                return claim
+            db.execute("UPDATE idempotency_keys SET created_at = ? WHERE merchant_id = ? AND idempotency_key = ?",
+                       (to_text(now), merchant_id, key))
+            return Claim(ClaimState.CLAIMED, claimed_at=now)
+
+    async def finish_idempotency(self, merchant_id, key, claimed_at, response) -> None:
+        await self._run(self._finish_idempotency, merchant_id, key, claimed_at, response)
+
+    @staticmethod
+    def _finish_idempotency(connection, merchant_id, key, claimed_at, response):
+        mine = "merchant_id = ? AND idempotency_key = ? AND created_at = ? AND response IS NULL"
+        with _WriteTransaction(connection) as db:
+            if response is None:
+                db.execute(f"DELETE FROM idempotency_keys WHERE {mine}", (merchant_id, key, to_text(claimed_at)))
+            else:
+                db.execute(f"UPDATE idempotency_keys SET response = ? WHERE {mine}",
+                           (response, merchant_id, key, to_text(claimed_at)))
+
+    async def remember_request(self, request_hash, merchant_id, expires_at) -> bool:
+        return await self._run(self._remember_request, request_hash, merchant_id, expires_at)
+
+    @staticmethod
+    def _remember_request(connection, request_hash, merchant_id, expires_at):
+        with _WriteTransaction(connection) as db:
+            return db.execute("INSERT INTO request_replays (request_hash, merchant_id, expires_at) VALUES (?, ?, ?) "
+                              "ON CONFLICT DO NOTHING", (request_hash, merchant_id, to_text(expires_at))).rowcount == 1
 
     # -- sales and settlements -----------------------------------------------
 

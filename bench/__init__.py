@@ -1,0 +1,1 @@
+"""`make bench`: the refund path under load (see docs/performance.md)."""
