@@ -112,6 +112,14 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+# The columns both stores read, in the order of domain.Order and
+# domain.Transaction (aliases o for orders, t for transactions).
+ORDER_COLUMNS = ("o.id, o.merchant_id, o.merchant_reference, o.currency, o.amount, o.status, "
+                 "o.payment_method, o.create_time, o.update_time")
+TRANSACTION_COLUMNS = ("t.id, t.merchant_id, t.order_id, t.type, t.currency, t.amount, t.status, t.masked_pan, "
+                       "t.stan, t.create_time")
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -28,6 +28,8 @@ from sqlalchemy.engine import make_url
 
 from service import domain
 from service.store import (
+    ORDER_COLUMNS,
+    TRANSACTION_COLUMNS,
     Claim,
     ClaimState,
     InsufficientBalance,
@@ -40,12 +42,9 @@ from service.store import (
     utc_now,
 )
 
-_ORDER_COLUMNS = ("o.id, o.merchant_id, o.merchant_reference, o.currency, o.amount, o.status, "
-                  "o.payment_method, o.create_time, o.update_time")
-_TXN_COLUMNS = "t.id, t.merchant_id, t.order_id, t.type, t.currency, t.amount, t.status, t.masked_pan, t.stan, t.create_time"
 
 _SNAPSHOT = f"""
-SELECT {_ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0) AS unsettled, {_TXN_COLUMNS}
+SELECT {ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0) AS unsettled, {TRANSACTION_COLUMNS}
 FROM orders o
 JOIN payment_methods pm ON pm.code = o.payment_method
 LEFT JOIN balances b ON b.merchant_id = o.merchant_id AND b.currency = o.currency
@@ -246,16 +245,16 @@ class PostgresStore:
     async def get_order(self, merchant_id, order_id, merchant_reference):
         async with self._connection() as conn:
             if order_id is not None:
-                row = await conn.fetchrow(f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = $1 AND o.id = $2",
+                row = await conn.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = $1 AND o.id = $2",
                                           merchant_id, order_id)
             else:
                 row = await conn.fetchrow(
-                    f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = $1 AND o.merchant_reference = $2",
+                    f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = $1 AND o.merchant_reference = $2",
                     merchant_id, merchant_reference)
             if row is None:
                 return None
             order = _order(row)
-            rows = await conn.fetch(f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = $1 ORDER BY t.id",
+            rows = await conn.fetch(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = $1 ORDER BY t.id",
                                     order.id)
             return order, [_transaction(r) for r in rows]
 
@@ -272,23 +271,23 @@ class PostgresStore:
                 f"""INSERT INTO orders AS o (id, merchant_id, merchant_reference, currency, amount, status,
                                            payment_method, create_time, update_time)
                     VALUES ($1, $2, $3, $4, $5, 'SUCCESS', $6, $7, $7)
-                    ON CONFLICT DO NOTHING RETURNING {_ORDER_COLUMNS}""",
+                    ON CONFLICT DO NOTHING RETURNING {ORDER_COLUMNS}""",
                 sale.order_id, sale.merchant_id, sale.merchant_reference, sale.currency, sale.amount,
                 sale.payment_method, sale.create_time)
             if inserted is None:
                 existing = await conn.fetchrow(
-                    f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.id = $1 OR (o.merchant_id = $2 AND o.merchant_reference = $3)",
+                    f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.id = $1 OR (o.merchant_id = $2 AND o.merchant_reference = $3)",
                     sale.order_id, sale.merchant_id, sale.merchant_reference)
                 if existing is None or not same_sale(_order(existing), sale):
                     raise SaleConflict("order id or merchant reference already used by another order")
                 order = _order(existing)
                 txn = await conn.fetchrow(
-                    f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = $1 AND t.type = 'SALE'", order.id)
+                    f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = $1 AND t.type = 'SALE'", order.id)
                 balance = await conn.fetchval(BALANCE, order.merchant_id, order.currency)
                 return order, _transaction(txn), balance or 0
             txn = await conn.fetchrow(
                 f"""INSERT INTO transactions AS t (order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
-                    VALUES ($1, $2, 'SALE', $3, $4, 'SUCCESS', $5, $6, $7) RETURNING {_TXN_COLUMNS}""",
+                    VALUES ($1, $2, 'SALE', $3, $4, 'SUCCESS', $5, $6, $7) RETURNING {TRANSACTION_COLUMNS}""",
                 sale.order_id, sale.merchant_id, sale.currency, sale.amount, sale.masked_pan, sale.stan, now)
             balance = await conn.fetchval(
                 """INSERT INTO balances (merchant_id, currency, unsettled) VALUES ($1, $2, $3)

@@ -20,6 +20,8 @@ from sqlalchemy.engine import make_url
 
 from service import domain
 from service.store import (
+    ORDER_COLUMNS,
+    TRANSACTION_COLUMNS,
     Claim,
     ClaimState,
     InsufficientBalance,
@@ -33,12 +35,9 @@ from service.store import (
     utc_now,
 )
 
-_ORDER_COLUMNS = ("o.id, o.merchant_id, o.merchant_reference, o.currency, o.amount, o.status, "
-                  "o.payment_method, o.create_time, o.update_time")
-_TXN_COLUMNS = "t.id, t.merchant_id, t.order_id, t.type, t.currency, t.amount, t.status, t.masked_pan, t.stan, t.create_time"
 
 SNAPSHOT = f"""
-SELECT {_ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0)
+SELECT {ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0)
 FROM orders o
 JOIN payment_methods pm ON pm.code = o.payment_method
 LEFT JOIN balances b ON b.merchant_id = o.merchant_id AND b.currency = o.currency
@@ -136,7 +135,7 @@ class SqliteStore:
                 order = _order(row)
                 refund = None
                 if order.status in domain.REFUNDED_STATUSES:
-                    refund_row = db.execute(f"SELECT {_TXN_COLUMNS} FROM transactions t "
+                    refund_row = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
                                             "WHERE t.order_id = ? AND t.type = 'REFUND'", (order.id,)).fetchone()
                     refund = _transaction(refund_row) if refund_row else None
                 snapshot = domain.OrderSnapshot(order, row[9], row[10], refund)
@@ -179,15 +178,15 @@ class SqliteStore:
     @staticmethod
     def _get_order(db, merchant_id, order_id, merchant_reference):
         if order_id is not None:
-            row = db.execute(f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.id = ?",
+            row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.id = ?",
                              (merchant_id, order_id)).fetchone()
         else:
-            row = db.execute(f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.merchant_reference = ?",
+            row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.merchant_reference = ?",
                              (merchant_id, merchant_reference)).fetchone()
         if row is None:
             return None
         order = _order(row)
-        rows = db.execute(f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = ? ORDER BY t.id",
+        rows = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = ? ORDER BY t.id",
                           (order.id,)).fetchall()
         return order, [_transaction(r) for r in rows]
 
@@ -262,13 +261,13 @@ class SqliteStore:
             if known != (1, 1):
                 raise domain.InvalidRequest("unknown merchant or payment method")
             existing = db.execute(
-                f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.id = ? OR (o.merchant_id = ? AND o.merchant_reference = ?)",
+                f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.id = ? OR (o.merchant_id = ? AND o.merchant_reference = ?)",
                 (sale.order_id, sale.merchant_id, sale.merchant_reference)).fetchone()
             if existing is not None:
                 order = _order(existing)
                 if not same_sale(order, sale):
                     raise SaleConflict("order id or merchant reference already used by another order")
-                txn = db.execute(f"SELECT {_TXN_COLUMNS} FROM transactions t WHERE t.order_id = ? AND t.type = 'SALE'",
+                txn = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = ? AND t.type = 'SALE'",
                                  (order.id,)).fetchone()
                 balance = db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
                                      (order.merchant_id, order.currency)).fetchone()

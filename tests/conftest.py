@@ -82,32 +82,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServiceProcess:
-    """A real `refund-service` process; `address` is what it printed it bound.
+class LoggedProcess:
+    """A real process of ours (`python -m MODULE`) that prints `NAME listening on
+    HOST:PORT`; `address` is what it printed. Its output goes to a file, never
+    to a pipe nobody reads (a full pipe would block the process under load)."""
 
-    Its output goes to a file, never to a pipe nobody reads (a full pipe would
-    block the process under load)."""
-
-    def __init__(self, database_url: str, *extra_args: str, env: dict | None = None):
-        environment = {**os.environ, "REFUND_DATABASE_URL": database_url, "REFUND_GRPC_LISTEN": "127.0.0.1:0",
-                       "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.log_path = Path(tempfile.mkstemp(prefix="refund-service-", suffix=".log")[1])
+    def __init__(self, name: str, module: str, args, environment: dict):
+        self.name = name
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "service.server", *extra_args], env=environment,
-                                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, "-m", module, *args], env=environment, cwd=ROOT,
+                                            stdout=log, stderr=subprocess.STDOUT)
         self.address = self._wait_for_address()
 
     def _wait_for_address(self, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = re.search(r"listening on (\S+)", self.output())
+            match = re.search(rf"{self.name} listening on (\S+)", self.output())
             if match:
                 return match.group(1)
             if self.process.poll() is not None:
                 break
             time.sleep(0.05)
         self.process.kill()
-        raise RuntimeError("refund-service did not start:\n" + self.output())
+        raise RuntimeError(f"{self.name} did not start:\n" + self.output())
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.process.poll() is None:
@@ -120,6 +118,15 @@ class ServiceProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class ServiceProcess(LoggedProcess):
+    """A real `refund-service` process on a free port."""
+
+    def __init__(self, database_url: str, *extra_args: str, env: dict | None = None):
+        environment = {**os.environ, "REFUND_DATABASE_URL": database_url, "REFUND_GRPC_LISTEN": "127.0.0.1:0",
+                       "PYTHONUNBUFFERED": "1", **(env or {})}
+        super().__init__("refund-service", "service.server", extra_args, environment)
 
 
 @pytest.fixture

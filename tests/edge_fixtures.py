@@ -15,9 +15,6 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,7 +38,7 @@ from grpc_status import rpc_status
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import admin as admin_command
 from service import db, domain, schema, strict_json
-from tests.conftest import ROOT, SPEC_DIR
+from tests.conftest import SPEC_DIR, LoggedProcess
 
 EXAMPLE_KEY_PEM = SPEC_DIR / "example-merchant.key.pem"
 EXAMPLE_PUB_PEM = SPEC_DIR / "example-merchant.pub.pem"
@@ -150,34 +147,18 @@ def refund_count(url: str, order_id: int) -> int:
 # -- the edge process ---------------------------------------------------------
 
 
-class EdgeProcess:
-    """A real `refund-edge` process on a free port; output to a file, never a pipe."""
+class EdgeProcess(LoggedProcess):
+    """A real `refund-edge` process on a free port."""
 
     def __init__(self, grpc_target: str, *args: str, deadline: float | None = None, env: dict | None = None):
         environment = {**os.environ, "REFUND_HTTP_LISTEN": "127.0.0.1:0", "REFUND_GRPC_TARGET": grpc_target,
                        "PYTHONUNBUFFERED": "1", **(env or {})}
         if deadline is not None:
             environment["REFUND_EDGE_DEADLINE"] = str(deadline)
-        self.log_path = Path(tempfile.mkstemp(prefix="refund-edge-", suffix=".log")[1])
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "gateway_edge.server", *args], env=environment,
-                                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.address = self._wait_for_address()
+        super().__init__("refund-edge", "gateway_edge.server", args, environment)
         host, port = self.address.rsplit(":", 1)
         self.host, self.port = host, int(port)
         self.url = f"http://{self.address}"
-
-    def _wait_for_address(self, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(r"refund-edge listening on (\S+)", self.output())
-            if match:
-                return match.group(1)
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.process.kill()
-        raise RuntimeError("refund-edge did not start:\n" + self.output())
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 30.0) -> "Reply":
@@ -185,19 +166,6 @@ class EdgeProcess:
 
     def post_refund(self, body: bytes, content_type: str = "application/json", **kwargs) -> "Reply":
         return self.request("POST", "/direct/refund", body, {"Content-Type": content_type}, **kwargs)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
 
 @pytest.fixture
 def start_edge():
