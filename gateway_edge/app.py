@@ -207,35 +207,27 @@ class EdgeApp:
         if isinstance(key, Answer):
             await responder.answer(key)
             return
-        envelope = await self._signed_envelope(scope, receive, responder)
-        if envelope is None:
-            return
-        request, signature = envelope
-        self._open_channel()
-        try:
-            reply = await self._refunds.MerchantRefund(
-                refund_pb2.SignedRequest(request=request, signature=signature, idempotency_key=key),
-                timeout=self.deadline, metadata=((telemetry.METADATA_KEY, responder.request_id),))
-        except grpc.RpcError as error:
-            answer = answers.from_rpc_error(error)
-        else:
-            answer = answers.from_reply(reply)
-        await self._answer(responder, answer)
+        await self._forward(scope, receive, responder, "MerchantRefund", answers.from_reply, idempotency_key=key)
 
     async def _query(self, scope, receive, responder: "_Responder"):
+        await self._forward(scope, receive, responder, "MerchantGetOrder", answers.from_order_reply)
+
+    async def _forward(self, scope, receive, responder: "_Responder", method: str, to_answer, **fields):
+        """Read the signed envelope, call `method` of RefundService with it (and
+        the request id), and answer what the service replied."""
         envelope = await self._signed_envelope(scope, receive, responder)
         if envelope is None:
             return
         request, signature = envelope
         self._open_channel()
         try:
-            reply = await self._refunds.MerchantGetOrder(
-                refund_pb2.SignedRequest(request=request, signature=signature),
+            reply = await getattr(self._refunds, method)(
+                refund_pb2.SignedRequest(request=request, signature=signature, **fields),
                 timeout=self.deadline, metadata=((telemetry.METADATA_KEY, responder.request_id),))
         except grpc.RpcError as error:
             answer = answers.from_rpc_error(error)
         else:
-            answer = answers.from_order_reply(reply)
+            answer = to_answer(reply)
         await self._answer(responder, answer)
 
     @staticmethod
