@@ -228,10 +228,16 @@ class RefundCommand:
     def __post_init__(self):
         if self.order_id is None and not self.merchant_reference:
             raise InvalidRequest("orderId or merchantReference is required")
-        if self.order_id is not None and not 0 < self.order_id <= MAX_MINOR_UNITS:
-            raise InvalidRequest("orderId must be a positive integer")
-        if self.merchant_reference is not None and len(self.merchant_reference) > 128:
-            raise InvalidRequest("merchantReference is too long")
+        check_order_key(self.order_id, self.merchant_reference)
+
+
+def check_order_key(order_id: int | None, merchant_reference: str | None) -> None:
+    """Each order identifier that is given is in range (a positive 64-bit id, a
+    reference of at most 128 characters)."""
+    if order_id is not None and not 0 < order_id <= MAX_MINOR_UNITS:
+        raise InvalidRequest("orderId must be a positive integer")
+    if merchant_reference is not None and len(merchant_reference) > 128:
+        raise InvalidRequest("merchantReference is too long")
 
 
 @dataclass(frozen=True)

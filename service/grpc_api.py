@@ -295,8 +295,6 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
             order_id, reference = signing.order_key(signed.fields)
             if order_id is None and reference is None:
                 raise domain.InvalidRequest("orderId or merchantReference is required")
-            if order_id is not None and not 0 < order_id <= domain.MAX_MINOR_UNITS:
-                raise domain.InvalidRequest("orderId must be a positive integer")
             return await self._order_with_transactions(signed.merchant_id, order_id, reference)
 
         return await self._call(context, operation)

@@ -1,9 +1,9 @@
 """Merchant signatures: SHA256withRSA (RSASSA-PKCS1-v1_5) over the exact bytes
 of the `request` string, verified before anything in it is acted on.
 
-The same bytes that were verified are the bytes parsed: `authenticated_command`
-parses the request only to learn whose keys to use, verifies the signature
-over those bytes, and then builds the command from that one parse.
+The same bytes that were verified are the bytes parsed: `authenticate` parses
+the request only to learn whose keys to use and verifies the signature over
+those bytes; the command is then built from that one parse (`command_from`).
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def order_key(fields: dict) -> tuple[int | None, str | None]:
     reference = fields.get("merchantReference")
     if reference is not None and not isinstance(reference, str):
         raise domain.InvalidRequest("merchantReference must be a string")
+    domain.check_order_key(order_id, reference or None)
     return order_id, reference or None
 
 
@@ -181,9 +182,6 @@ def _prefetchable_order_key(fields: dict) -> tuple[int | None, str | None] | Non
         return None
     if order_id is None and reference is None:
         return None
-    if (order_id is not None and not 0 < order_id <= domain.MAX_MINOR_UNITS) or \
-            (reference is not None and len(reference) > 128):
-        return None
     return order_id, reference
 
 
@@ -191,9 +189,3 @@ def check_active(signed: Authenticated) -> None:
     if signed.credentials.status != "ACTIVE":
         raise MerchantInactive("merchant is not active")
 
-
-async def authenticated_command(store, request: bytes, signature: str) -> domain.RefundCommand:
-    """Parse, authenticate and validate a signed refund request."""
-    signed = await authenticate(store, request, signature)
-    check_active(signed)
-    return command_from(signed.fields)
