@@ -82,6 +82,9 @@ KNOWN_CURRENCIES = frozenset(
     VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWG""".split()
 )
 
+# The most decimals any known currency has.
+MAX_DECIMALS = max(2, *_MINOR_UNITS_EXCEPTIONS.values())
+
 # Amounts are stored as signed 64-bit integers of minor units.
 MAX_MINOR_UNITS = 2**63 - 1
 
@@ -110,6 +113,14 @@ def minor_units(currency: str) -> int:
     return _MINOR_UNITS_EXCEPTIONS.get(currency, 2)
 
 
+def currencies_by_minor_units() -> dict[int, tuple[str, ...]]:
+    """The known currencies grouped by their minor units: {0: ("BIF", ...), 2: (...), ...}."""
+    groups: dict[int, list[str]] = {}
+    for currency in sorted(KNOWN_CURRENCIES):
+        groups.setdefault(minor_units(currency), []).append(currency)
+    return {digits: tuple(codes) for digits, codes in sorted(groups.items())}
+
+
 def parse_decimal(amount: str | Decimal) -> Decimal:
     """A positive finite decimal, from text such as "76.19" or a Decimal."""
     if isinstance(amount, Decimal):
@@ -129,8 +140,27 @@ def parse_decimal(amount: str | Decimal) -> Decimal:
 def to_minor(amount: str | Decimal, currency: str) -> int:
     """Exact minor units of `amount` in `currency`; InvalidAmount if it has
     more decimals than the currency, or is not positive and finite."""
-    value = parse_decimal(amount)
-    digits = minor_units(currency)
+    return _units(parse_decimal(amount), minor_units(currency), currency)
+
+
+def minor_units_by_decimals(amount: str | Decimal) -> list[int | None]:
+    """to_minor(amount, c) for a currency c of 0, 1, 2, ... decimals (the list's
+    index), None where to_minor would refuse the amount: what a refund can ask of
+    the database before it knows the order's currency."""
+    try:
+        value = parse_decimal(amount)
+    except InvalidAmount:
+        return [None] * (MAX_DECIMALS + 1)
+    units = []
+    for digits in range(MAX_DECIMALS + 1):
+        try:
+            units.append(_units(value, digits, "the currency"))
+        except InvalidAmount:
+            units.append(None)
+    return units
+
+
+def _units(value: Decimal, digits: int, currency: str) -> int:
     # Check the magnitude first so that 1e999999 never builds a huge integer,
     # then work on the exact coefficient: Decimal arithmetic would round to
     # 28 digits and could hide a stray decimal.

@@ -75,8 +75,18 @@ def load_public_key(pem: str) -> rsa.RSAPublicKey:
 
 def verify(request: bytes, signature: str, public_keys_pem) -> bool:
     """True when any of the keys verifies the signature over `request`."""
+    return _verifying_key(request, signature, public_keys_pem) is not None
+
+
+def verifying_key_id(request: bytes, signature: str, credentials: MerchantCredentials) -> str | None:
+    """The key_id of the first of the merchant's keys that verifies the signature, or None."""
+    index = _verifying_key(request, signature, credentials.public_keys_pem)
+    return None if index is None or index >= len(credentials.key_ids) else credentials.key_ids[index]
+
+
+def _verifying_key(request: bytes, signature: str, public_keys_pem) -> int | None:
     candidates = signature_candidates(signature)
-    for pem in public_keys_pem:
+    for index, pem in enumerate(public_keys_pem):
         try:
             key = load_public_key(pem)
         except (ValueError, UnsupportedAlgorithm) as exc:  # an unusable stored key verifies nothing
@@ -87,10 +97,10 @@ def verify(request: bytes, signature: str, public_keys_pem) -> bool:
                 continue
             try:
                 key.verify(candidate, request, padding.PKCS1v15(), hashes.SHA256())
-                return True
+                return index
             except InvalidSignature:
                 pass
-    return False
+    return None
 
 
 def parse_request(request: bytes) -> dict:
@@ -152,13 +162,38 @@ class Authenticated:
     prefetched: tuple | None = None
 
 
-async def authenticate(store, request: bytes, signature: str, *, prefetch_order: bool = False) -> Authenticated:
+class KnownCredentials:
+    """Merchants' credentials as last read from the store, by merchant id: what
+    lets a signed refund verify its signature before any database call and then
+    refund in one (Store.refund's `signed_with`). A hint, never trusted alone:
+    the store checks in the refund's own transaction that the key is still
+    active and the merchant still ACTIVE; when not, the request is
+    authenticated afresh. Bounded: forgets everything when full."""
+
+    def __init__(self, limit: int = 10_000):
+        self._limit = limit
+        self._credentials: dict[int, MerchantCredentials] = {}
+
+    def get(self, merchant_id: int) -> MerchantCredentials | None:
+        return self._credentials.get(merchant_id)
+
+    def remember(self, merchant_id: int, credentials: MerchantCredentials | None) -> None:
+        if credentials is None:
+            self._credentials.pop(merchant_id, None)
+            return
+        if len(self._credentials) >= self._limit and merchant_id not in self._credentials:
+            self._credentials.clear()
+        self._credentials[merchant_id] = credentials
+
+
+async def authenticate(store, request: bytes, signature: str, *, prefetch_order: bool = False,
+                       known: KnownCredentials | None = None) -> Authenticated:
     """Parse a signed request and verify its signature (2001 otherwise).
 
     With `prefetch_order`, a store that can (PostgreSQL) reads the order's
     snapshot in the same round trip as the merchant's keys; it is kept in
     `prefetched` for the refund, and nothing of it is used unless the
-    signature verifies."""
+    signature verifies. The credentials read are remembered in `known`."""
     fields = parse_request(request)
     merchant_id = domain.parse_merchant_id(fields["merchantId"])
     key = _prefetchable_order_key(fields) if prefetch_order and hasattr(store, "credentials_and_snapshot") else None
@@ -168,6 +203,8 @@ async def authenticate(store, request: bytes, signature: str, *, prefetch_order:
         prefetched = (key, snapshot)
     else:
         credentials = await store.merchant_credentials(merchant_id)
+    if known is not None:
+        known.remember(merchant_id, credentials)
     if credentials is None or not verify(request, signature, credentials.public_keys_pem):
         raise AuthenticationFailed("authentication failed")
     return Authenticated(request, fields, merchant_id, credentials, prefetched)

@@ -47,6 +47,7 @@ class MerchantCredentials:
     status: str
     public_keys_pem: tuple[str, ...]
     require_timestamp: bool = False
+    key_ids: tuple[str, ...] = ()  # the key_id of each of public_keys_pem, in the same order
 
 
 class ClaimState(enum.Enum):
@@ -80,7 +81,17 @@ def judge_claim(row_hash: str, response: bytes | None, created_at: datetime, req
 
 
 class Store(Protocol):
-    async def refund(self, command: domain.RefundCommand) -> domain.RefundResult: ...
+    async def refund(self, command: domain.RefundCommand, *,
+                     signed_with: str | None = None) -> domain.RefundResult | None:
+        """Decide and apply one refund attempt (API.md section 3).
+
+        `signed_with`: the key_id that verified a signed request, from
+        credentials read earlier (signing.KnownCredentials). The store then
+        refunds only while that key is active and its merchant ACTIVE and not
+        requiring a timestamp, checked in the refund's own transaction or
+        statement, and may return None (nothing written) for anything it does
+        not answer that way; the caller then authenticates afresh and asks
+        again without `signed_with`. Without it the answer is never None."""
 
     async def get_order(
         self, merchant_id: int, order_id: int | None, merchant_reference: str | None

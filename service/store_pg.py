@@ -1,7 +1,12 @@
 """PostgreSQL store on asyncpg: fixed, prepared statements, no ORM objects.
 
-A refund takes two round trips, each one statement (so each is atomic on
-its own, with no BEGIN/COMMIT):
+Every statement runs on its own (so each is atomic, with no BEGIN/COMMIT).
+A refund that is approved as things stand is one statement, _REFUND_AT_ONCE:
+it reads the order, its payment method's capability, the balance and any
+earlier refund, checks each of domain.decide's conditions for approval, and
+applies the refund, guarding itself like APPLY_REFUND below. Anything else
+(every decline, a race) changes nothing there and takes the full path, two
+round trips:
 1. SNAPSHOT reads the order, its payment method's capability, the balance and
    the earlier refund in one consistent read; `domain.decide` applies the rules;
 2. a declined attempt inserts its audit row. An approved one runs
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -59,8 +65,8 @@ SNAPSHOT_BY_REFERENCE = _SNAPSHOT + "o.merchant_reference = $2"
 # signature has verified.
 _CREDENTIALS_AND_SNAPSHOT = f"""
 SELECT m.status, m.require_timestamp,
-       ARRAY(SELECT k.public_key_pem FROM merchant_keys k WHERE k.merchant_id = m.id AND k.active
-             ORDER BY k.created_at DESC) AS public_keys,
+       ARRAY(SELECT ARRAY[k.key_id, k.public_key_pem] FROM merchant_keys k WHERE k.merchant_id = m.id AND k.active
+             ORDER BY k.created_at DESC) AS keys,
        s.*
 FROM merchants m
 LEFT JOIN LATERAL ({_SNAPSHOT}"""
@@ -100,13 +106,90 @@ WITH marked AS (
 )
 SELECT id, masked_pan, stan FROM refund"""
 # The transactions' id sequence, looked up per statement; a store resolves it
-# once (resolved_apply_refund) and runs APPLY_REFUND with the regclass constant.
-APPLY_REFUND = _APPLY_REFUND.format(sequence="pg_get_serial_sequence('transactions', 'id')")
+# once (sequence_constant) and runs the statements with the regclass constant.
+SEQUENCE_LOOKUP = "pg_get_serial_sequence('transactions', 'id')"
+APPLY_REFUND = _APPLY_REFUND.format(sequence=SEQUENCE_LOOKUP)
 
 
-def resolved_apply_refund(sequence: str) -> str:
-    """APPLY_REFUND naming the sequence, e.g. 'public.transactions_id_seq', as a constant."""
-    return _APPLY_REFUND.format(sequence="'" + sequence.replace("'", "''") + "'::regclass")
+def sequence_constant(sequence: str | None) -> str:
+    """The sequence, e.g. 'public.transactions_id_seq', as a regclass constant; the lookup if unknown."""
+    return "'" + sequence.replace("'", "''") + "'::regclass" if sequence else SEQUENCE_LOOKUP
+
+# The common refund in one statement: read, decide and apply, for an attempt
+# that is approved as things stand (refundable status, no refund yet, a
+# payment method that allows it, the amount exact in the order's currency and
+# within the order's amount, a balance that covers it; with $7, the key that
+# verified a signed request still active and its merchant ACTIVE, not
+# requiring timestamps). Each condition is one of domain.decide's approvals,
+# so the statement approves only what decide would; anything else changes
+# nothing and returns no row, and the refund takes the read-decide-apply path
+# (which gives every decline its code). It guards itself like APPLY_REFUND:
+# the order is marked only in the status read, the balance debited only
+# `WHERE unsettled >= amount`, marked-but-not-debited aborts the statement.
+# $1 merchant, $2 order id (NULL: by reference), $3 requested reference,
+# $4 the amount in minor units for 0, 1, 2, ... decimals, $5 now,
+# $6 requested amount text, $7 key id or NULL
+_REFUND_AT_ONCE = """
+WITH target AS (
+    SELECT o.id, o.amount, o.currency, o.status, pm.refund_capability,
+           ($4::bigint[])[({decimals}) + 1] AS units
+    FROM orders o
+    JOIN payment_methods pm ON pm.code = o.payment_method
+    WHERE o.merchant_id = $1 AND {order}
+      AND o.status IN ('SUCCESS', 'SETTLED')
+      AND NOT EXISTS (SELECT 1 FROM transactions x WHERE x.order_id = o.id AND x.type = 'REFUND')
+      AND ($7::text IS NULL OR EXISTS (
+            SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
+            WHERE m.id = $1 AND m.status = 'ACTIVE' AND NOT m.require_timestamp AND k.key_id = $7 AND k.active))
+), approvable AS (
+    SELECT t.* FROM target t
+    WHERE t.units > 0 AND t.units <= t.amount
+      AND (t.refund_capability = 'FULL_AND_PARTIAL' OR (t.refund_capability = 'FULL_ONLY' AND t.units = t.amount))
+      AND EXISTS (SELECT 1 FROM balances b WHERE b.merchant_id = $1 AND b.currency = t.currency
+                  AND b.unsettled >= t.units)
+), marked AS (
+    UPDATE orders o SET status = CASE WHEN a.units = a.amount THEN 'REFUNDED' ELSE 'PARTIALLY_REFUNDED' END,
+                        update_time = $5
+    FROM approvable a
+    WHERE o.id = a.id AND o.status = a.status
+    RETURNING {order_columns}, a.units
+), debit AS (
+    UPDATE balances b SET unsettled = b.unsettled - m.units
+    FROM marked m
+    WHERE b.merchant_id = $1 AND b.currency = m.currency AND b.unsettled >= m.units
+    RETURNING 1
+), new_id AS (
+    SELECT nextval({sequence}) AS id FROM marked
+), refund AS (
+    INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
+    SELECT new_id.id, m.id, $1, 'REFUND', m.currency,
+           CASE WHEN EXISTS (SELECT 1 FROM debit) THEN m.units END,  -- NULL: marked but not debited, abort all
+           'SUCCESS',
+           COALESCE((SELECT s.masked_pan FROM transactions s WHERE s.order_id = m.id AND s.type = 'SALE' LIMIT 1), ''),
+           lpad((new_id.id % 1000000)::text, 6, '0'), $5
+    FROM marked m, new_id
+    RETURNING id, order_id, masked_pan, stan
+), audit AS (
+    INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+    SELECT $1, refund.order_id, $3, $6, '0000', refund.id, $5 FROM refund
+)
+SELECT marked.*, refund.id, refund.masked_pan, refund.stan FROM marked, refund"""
+_BY_ID = "o.id = $2 AND (COALESCE($3, '') = '' OR o.merchant_reference = $3)"
+_BY_REFERENCE = "$2::bigint IS NULL AND o.merchant_reference = $3"
+
+
+def _decimals_of_currency() -> str:
+    """CASE o.currency ... END: the order currency's decimals (NULL when unknown), from domain's table."""
+    cases = " ".join(f"WHEN o.currency IN ({', '.join(repr(c) for c in codes)}) THEN {digits}"
+                     for digits, codes in domain.currencies_by_minor_units().items())
+    return f"CASE {cases} END"
+
+
+def refund_at_once(sequence: str) -> tuple[str, str]:
+    """_REFUND_AT_ONCE (by order id, by merchant reference) naming the sequence with `sequence`."""
+    return tuple(_REFUND_AT_ONCE.format(decimals=_decimals_of_currency(), order=order, order_columns=ORDER_COLUMNS,
+                                        sequence=sequence) for order in (_BY_ID, _BY_REFERENCE))
+
 
 # Attempts to decide one refund when the state keeps moving between read and write.
 MAX_DECISIONS = 5
@@ -165,11 +248,18 @@ async def _keep_session(_connection) -> None:
     default reset's round trip on every release."""
 
 
+@dataclass(frozen=True)
+class _RefundStatements:
+    apply: str
+    at_once_by_id: str
+    at_once_by_reference: str
+
+
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, command_timeout: float):
         self._pool = pool
         self._timeout = command_timeout
-        self._apply_refund: str | None = None  # APPLY_REFUND with the sequence resolved, on first use
+        self._statements: _RefundStatements | None = None  # with the sequence resolved, on first use
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0,
@@ -202,10 +292,25 @@ class PostgresStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
-    async def refund(self, command: domain.RefundCommand, prefetched=NOT_READ) -> domain.RefundResult:
-        """`prefetched`: the snapshot of the command's order from credentials_and_snapshot(),
-        decided on instead of a first read (APPLY_REFUND re-checks it like any read)."""
+    async def refund(self, command: domain.RefundCommand, prefetched=NOT_READ, *,
+                     signed_with: str | None = None) -> domain.RefundResult | None:
+        """Decide and apply one refund attempt.
+
+        First the one statement of the common case (_REFUND_AT_ONCE); when it
+        does not apply, read, decide and apply. `prefetched`: the snapshot of
+        the command's order from credentials_and_snapshot(), decided on instead
+        of a first read (APPLY_REFUND re-checks it like any read).
+        `signed_with`: the key_id that verified a signed request, from
+        credentials read earlier: the refund is made only in the one statement,
+        while that key is active and its merchant ACTIVE, not requiring
+        timestamps; anything else returns None, nothing written, and the caller
+        authenticates afresh."""
         async with self._connection() as conn:
+            statements = self._statements or await self._resolve_statements(conn)
+            if prefetched is NOT_READ:
+                result = await self._refund_at_once(conn, statements, command, signed_with)
+                if result is not None or signed_with is not None:
+                    return result
             for _ in range(MAX_DECISIONS):
                 if prefetched is NOT_READ:
                     snapshot = await self._snapshot(conn, command)
@@ -219,12 +324,9 @@ class PostgresStore:
                                        command.amount[:64], decision.code.value, None, now)
                     return domain.result_of(decision, snapshot)
                 order = snapshot.order
-                if self._apply_refund is None:
-                    sequence = await conn.fetchval("SELECT pg_get_serial_sequence('transactions', 'id')")
-                    self._apply_refund = resolved_apply_refund(sequence) if sequence else APPLY_REFUND
                 try:
                     applied = await conn.fetchrow(
-                        self._apply_refund, command.merchant_id, order.id, order.currency, decision.amount,
+                        statements.apply, command.merchant_id, order.id, order.currency, decision.amount,
                         decision.new_status, now, command.merchant_reference, command.amount[:64], order.status)
                 except asyncpg.NotNullViolationError:
                     applied = None  # the balance fell below the amount since the read
@@ -233,6 +335,31 @@ class PostgresStore:
                                                 decision.amount, "SUCCESS", applied["masked_pan"], applied["stan"], now)
                     return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
         raise StoreUnavailable("the order kept changing; retry")
+
+    async def _resolve_statements(self, conn) -> "_RefundStatements":
+        sequence = sequence_constant(await conn.fetchval(f"SELECT {SEQUENCE_LOOKUP}"))
+        self._statements = _RefundStatements(_APPLY_REFUND.format(sequence=sequence), *refund_at_once(sequence))
+        return self._statements
+
+    @staticmethod
+    async def _refund_at_once(conn, statements: "_RefundStatements", command: domain.RefundCommand,
+                              signed_with: str | None) -> domain.RefundResult | None:
+        """The refund in one statement if it is approved as things stand; None (nothing written) if not."""
+        now = utc_now()
+        statement = statements.at_once_by_id if command.order_id is not None else statements.at_once_by_reference
+        try:
+            row = await conn.fetchrow(statement, command.merchant_id, command.order_id, command.merchant_reference,
+                                      domain.minor_units_by_decimals(command.amount), now, command.amount[:64],
+                                      signed_with)
+        except asyncpg.NotNullViolationError:
+            return None  # the balance fell below the amount during the statement
+        if row is None:
+            return None
+        values = tuple(row)
+        order, amount, refund_id, masked_pan, stan = _order(values), *values[9:]
+        refund = domain.Transaction(refund_id, order.merchant_id, order.id, "REFUND", order.currency, amount,
+                                    "SUCCESS", masked_pan, stan, now)
+        return domain.RefundResult(domain.ResponseCode.SUCCESS, "SUCCESS", order, refund)
 
     @staticmethod
     async def _snapshot(conn, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
@@ -309,13 +436,14 @@ class PostgresStore:
     async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """SELECT m.status, k.public_key_pem, m.require_timestamp FROM merchants m
+                """SELECT m.status, k.public_key_pem, m.require_timestamp, k.key_id FROM merchants m
                    LEFT JOIN merchant_keys k ON k.merchant_id = m.id AND k.active
                    WHERE m.id = $1 ORDER BY k.created_at DESC""", merchant_id)
         if not rows:
             return None
-        return MerchantCredentials(rows[0]["status"], tuple(r["public_key_pem"] for r in rows if r["public_key_pem"]),
-                                   rows[0]["require_timestamp"])
+        keys = [r for r in rows if r["public_key_pem"]]
+        return MerchantCredentials(rows[0]["status"], tuple(r["public_key_pem"] for r in keys),
+                                   rows[0]["require_timestamp"], tuple(r["key_id"] for r in keys))
 
     async def credentials_and_snapshot(self, merchant_id: int, order_id: int | None, reference: str | None):
         """(merchant_credentials(merchant_id), the snapshot of the merchant's order) in one round trip;
@@ -328,7 +456,9 @@ class PostgresStore:
         if row is None:
             return None, None
         values = tuple(row)
-        credentials = MerchantCredentials(values[0], tuple(k for k in values[2] if k), values[1])
+        keys = values[2]
+        credentials = MerchantCredentials(values[0], tuple(pem for _, pem in keys), values[1],
+                                          tuple(key_id for key_id, _ in keys))
         return credentials, (_snapshot_of(values[3:]) if values[3] is not None else None)
 
     # -- Idempotency-Key and replay window (only for requests that carry them) --

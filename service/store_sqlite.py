@@ -43,6 +43,12 @@ JOIN payment_methods pm ON pm.code = o.payment_method
 LEFT JOIN balances b ON b.merchant_id = o.merchant_id AND b.currency = o.currency
 WHERE o.merchant_id = ? AND """
 
+# The credentials a signed request was verified with still hold: its key is
+# active, its merchant ACTIVE and not requiring a timestamp.
+CREDENTIALS_HOLD = """
+SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
+WHERE m.id = ? AND m.status = 'ACTIVE' AND NOT m.require_timestamp AND k.key_id = ? AND k.active"""
+
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
 VALUES (?, ?, ?, ?, ?, ?, ?)"""
@@ -118,13 +124,22 @@ class SqliteStore:
 
     # -- refund --------------------------------------------------------------
 
-    async def refund(self, command: domain.RefundCommand) -> domain.RefundResult:
-        return await self._run(self._refund, command)
+    async def refund(self, command: domain.RefundCommand, *,
+                     signed_with: str | None = None) -> domain.RefundResult | None:
+        """Decide and apply one refund attempt. With `signed_with` (the key_id
+        that verified the request, from credentials read earlier): only while
+        that key is active and its merchant ACTIVE and not requiring timestamps,
+        checked in the refund's own transaction; None (nothing written) if not."""
+        return await self._run(self._refund, command, signed_with)
 
     @staticmethod
-    def _refund(connection: sqlite3.Connection, command: domain.RefundCommand) -> domain.RefundResult:
+    def _refund(connection: sqlite3.Connection, command: domain.RefundCommand,
+                signed_with: str | None = None) -> domain.RefundResult | None:
         now = utc_now()
         with _WriteTransaction(connection) as db:
+            if signed_with is not None and db.execute(
+                    CREDENTIALS_HOLD, (command.merchant_id, signed_with)).fetchone() is None:
+                return None
             if command.order_id is not None:
                 row = db.execute(SNAPSHOT + "o.id = ?", (command.merchant_id, command.order_id)).fetchone()
             else:
@@ -196,12 +211,13 @@ class SqliteStore:
     @staticmethod
     def _merchant_credentials(db, merchant_id):
         rows = db.execute(
-            """SELECT m.status, k.public_key_pem, m.require_timestamp FROM merchants m
+            """SELECT m.status, k.public_key_pem, m.require_timestamp, k.key_id FROM merchants m
                LEFT JOIN merchant_keys k ON k.merchant_id = m.id AND k.active
                WHERE m.id = ? ORDER BY k.created_at DESC""", (merchant_id,)).fetchall()
         if not rows:
             return None
-        return MerchantCredentials(rows[0][0], tuple(r[1] for r in rows if r[1]), bool(rows[0][2]))
+        keys = [r for r in rows if r[1]]
+        return MerchantCredentials(rows[0][0], tuple(r[1] for r in keys), bool(rows[0][2]), tuple(r[3] for r in keys))
 
     # -- Idempotency-Key and replay window (only for requests that carry them) --
 
