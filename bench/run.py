@@ -18,8 +18,9 @@ What it does, in one run:
    database, plus the instance-wide auxiliary processes such as the WAL
    writer), read from /proc/PID/stat before and after.
 5. Floors: RSA verify/s, a bare gRPC round trip (bench/trivial_server.py), the
-   bare database refund (bench/store_floor.py calls the store directly); and
-   each stage's share of a signed refund's cost.
+   bare database refund (bench/store_floor.py calls the store directly), the
+   minimal chain (bench/minimal_chain.py: the same parts with nothing else);
+   and each stage's share of a signed refund's cost.
 6. Memory: RSS of each process at steady state and over a soak of `--soak`
    seconds. Scale-out: two services and two edges on one PostgreSQL.
 
@@ -503,6 +504,27 @@ def store_floor(url: str, piece: Slice, concurrency: int, duration: float, pg: P
     return result
 
 
+def chain_floor(url: str, warm: Path, bodies: Path, duration: float, pg: Postgres) -> dict:
+    """The issue's minimal chain (bench/minimal_chain.py: raw ASGI edge -> grpc.aio -> RSA verify + the
+    one-statement refund, nothing else) under the same signed load as the real edge at 32 connections."""
+    module = [sys.executable, "-m", "bench.minimal_chain"]
+    service = Process("minimal-service", [*module, "service", "--database-url", url],
+                      r"minimal-service listening on (\S+)")
+    try:
+        edge = Process("minimal-edge", [*module, "edge", "--grpc-target", service.address],
+                       r"minimal-edge listening on (\S+)")
+    except Exception:
+        service.stop()
+        raise
+    try:
+        wrk_result(wrk(edge.address, warm, 8, 2))
+        return measure("chain-floor", lambda: edge_run([edge], bodies, 32, duration),
+                       {"edge": [edge], "service": [service]}, pg)
+    finally:
+        edge.stop()
+        service.stop()
+
+
 # -- the whole bench ---------------------------------------------------------------
 
 
@@ -530,6 +552,8 @@ def run(args) -> dict:
             "grpc-scale": layout.add("grpc-scale", grpc_size, False),
             "floor-store": layout.add("floor-store", int(duration * 6000), False),
             "floor-grpc": layout.add("floor-grpc", int(duration * 8000), False),
+            "floor-chain-warm": layout.add("floor-chain-warm", 2000, True),
+            "floor-chain": layout.add("floor-chain", edge_size, True),
         }
         if args.profile:
             slices["profile-edge"] = layout.add("profile-edge", edge_size, True)
@@ -545,7 +569,7 @@ def run(args) -> dict:
 
         per_db_slices = {
             "sqlite": [s for n, s in slices.items() if not n.endswith("scale") and n not in ("soak", "floor-grpc")
-                       and not n.startswith("profile")],
+                       and not n.startswith(("profile", "floor-chain"))],
             "postgres": [s for n, s in slices.items() if n != "floor-grpc"],
         }
         urls, loaders = {}, []
@@ -581,6 +605,10 @@ def run(args) -> dict:
             result = store_floor(url, slices["floor-store"], 32, duration, pg if db_name == "postgres" else None)
             report["floors"][f"store-{db_name}"] = result
             log(f"floor: bare store refund on {db_name} {show(result)}")
+        if "postgres" in urls:
+            report["floors"]["chain"] = chain_floor(urls["postgres"], bodies["floor-chain-warm"],
+                                                    bodies["floor-chain"], duration, pg)
+            log(f"floor: minimal chain, signed, PostgreSQL {show(report['floors']['chain'])}")
 
         for db_name, url in urls.items():
             db = pg if db_name == "postgres" else None
@@ -751,7 +779,7 @@ def shares(report: dict) -> dict:
         "service: gRPC server machinery (floor: trivial servicer)": grpc_server,
         "service: RSA verify (floor)": rsa,
         "service: store, asyncpg side (floor: store called directly)": store,
-        "service: the rest (parse, domain, protos, credentials read, errors)": cpu["service"] - grpc_server - rsa - store,
+        "service: the rest (parse, domain, protos, interceptor, log line, metrics)": cpu["service"] - grpc_server - rsa - store,
         "PostgreSQL: backends of this database": cpu["postgres"],
         "PostgreSQL: WAL writer and other auxiliaries": cpu.get("postgres_aux", 0.0),
     }
@@ -835,6 +863,18 @@ def markdown(report: dict) -> str:
             lines.append(f"- Bare database refund, {name[6:]} (the service's store called directly, 32 in flight): "
                          f"{r['rate']:.0f}/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; store process "
                          f"{r['cpu_us']['store']:.0f} us{extra} of CPU per refund.")
+    if "chain" in f:
+        r = f["chain"]
+        c = r["cpu_us"]
+        real = next((x for x in report["runs"] if x["database"] == "postgres" and x["path"] == "edge"
+                     and x["concurrency"] == 32 and x["instances"] == 1), None)
+        versus = (f" The real chain in this run: {real['rate'] / r['rate'] * 100:.0f}% of its rate, "
+                  f"{real['cpu_total_us'] / r['cpu_total_us']:.2f} times its CPU per refund.") if real else ""
+        lines.append(f"- Minimal chain (bench/minimal_chain.py: raw ASGI edge, grpc.aio, RSA verify, the one-statement "
+                     f"refund; no logs, metrics, strict JSON or error paths), signed, PostgreSQL, 32 connections: "
+                     f"{r['rate']:.0f}/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; CPU per refund: edge "
+                     f"{c['edge']:.0f}, service {c['service']:.0f}, PostgreSQL {c.get('postgres', 0):.0f} us "
+                     f"(total {r['cpu_total_us']:.0f}).{versus}")
     if report.get("shares"):
         lines += ["", "## Where a signed refund's CPU goes (edge, PostgreSQL, 32 connections)", "",
                   "| stage | us | share |", "|---|---|---|"]
