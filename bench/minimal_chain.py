@@ -117,6 +117,7 @@ def serve_edge(target: str, address: str) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, int(port)))
+    sock.listen(2048)  # before saying so: the bench connects as soon as it reads the line
     print(f"minimal-edge listening on {host}:{sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(MinimalEdge(target), loop="uvloop", http="httptools", ws="none", lifespan="on",
                             log_config=None, log_level="warning", access_log=False, server_header=False)

@@ -239,8 +239,9 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
         for an earlier request, verify the signature, and the store refunds only
         while that key is still active (Store.refund's `signed_with`). None when
         this path does not answer (merchant not seen yet, a key it does not
-        know, a timestamp, an invalid request, a decline on PostgreSQL): the full
-        path then authenticates afresh and answers, with the same codes."""
+        know or the store finds no longer active, a timestamp, an invalid
+        request): the full path then authenticates afresh and answers, with the
+        same codes."""
         try:
             fields = signing.parse_request(request)
             credentials = self._known.get(domain.parse_merchant_id(fields["merchantId"]))

@@ -121,16 +121,23 @@ def sequence_constant(sequence: str | None) -> str:
 # within the order's amount, a balance that covers it; with $7, the key that
 # verified a signed request still active and its merchant ACTIVE, not
 # requiring timestamps). Each condition is one of domain.decide's approvals,
-# so the statement approves only what decide would; anything else changes
-# nothing and returns no row, and the refund takes the read-decide-apply path
-# (which gives every decline its code). It guards itself like APPLY_REFUND:
-# the order is marked only in the status read, the balance debited only
-# `WHERE unsettled >= amount`, marked-but-not-debited aborts the statement.
+# so the statement approves only what decide would. It guards itself like
+# APPLY_REFUND: the order is marked only in the status read, the balance
+# debited only `WHERE unsettled >= amount`, marked-but-not-debited aborts the
+# statement. Its one row: whether the credentials hold, the order's snapshot
+# as SNAPSHOT reads it (NULLs: no such order; read before any change), and the
+# refunded order and the refund when it applied (NULLs when not). What it does
+# not apply, domain.decide decides on that snapshot: a decline then costs one
+# more statement (its audit row), as on the full path.
 # $1 merchant, $2 order id (NULL: by reference), $3 requested reference,
 # $4 the amount in minor units for 0, 1, 2, ... decimals, $5 now,
 # $6 requested amount text, $7 key id or NULL
 _REFUND_AT_ONCE = """
-WITH target AS (
+WITH credentials AS (
+    SELECT $7::text IS NULL OR EXISTS (
+        SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
+        WHERE m.id = $1 AND m.status = 'ACTIVE' AND NOT m.require_timestamp AND k.key_id = $7 AND k.active) AS hold
+), target AS (
     SELECT o.id, o.amount, o.currency, o.status, pm.refund_capability,
            ($4::bigint[])[({decimals}) + 1] AS units
     FROM orders o
@@ -138,9 +145,7 @@ WITH target AS (
     WHERE o.merchant_id = $1 AND {order}
       AND o.status IN ('SUCCESS', 'SETTLED')
       AND NOT EXISTS (SELECT 1 FROM transactions x WHERE x.order_id = o.id AND x.type = 'REFUND')
-      AND ($7::text IS NULL OR EXISTS (
-            SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
-            WHERE m.id = $1 AND m.status = 'ACTIVE' AND NOT m.require_timestamp AND k.key_id = $7 AND k.active))
+      AND (SELECT hold FROM credentials)
 ), approvable AS (
     SELECT t.* FROM target t
     WHERE t.units > 0 AND t.units <= t.amount
@@ -173,9 +178,13 @@ WITH target AS (
     INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
     SELECT $1, refund.order_id, $3, $6, '0000', refund.id, $5 FROM refund
 )
-SELECT marked.*, refund.id, refund.masked_pan, refund.stan FROM marked, refund"""
+SELECT credentials.hold, snapshot.*, applied.*
+FROM credentials
+LEFT JOIN ({snapshot}) snapshot ON true
+LEFT JOIN (SELECT marked.*, refund.id, refund.masked_pan, refund.stan FROM marked, refund) applied ON true"""
 _BY_ID = "o.id = $2 AND (COALESCE($3, '') = '' OR o.merchant_reference = $3)"
 _BY_REFERENCE = "$2::bigint IS NULL AND o.merchant_reference = $3"
+_SNAPSHOT_COLUMNS = 21  # _SNAPSHOT: order (9), capability, balance, refund transaction (10)
 
 
 def _decimals_of_currency() -> str:
@@ -188,7 +197,13 @@ def _decimals_of_currency() -> str:
 def refund_at_once(sequence: str) -> tuple[str, str]:
     """_REFUND_AT_ONCE (by order id, by merchant reference) naming the sequence with `sequence`."""
     return tuple(_REFUND_AT_ONCE.format(decimals=_decimals_of_currency(), order=order, order_columns=ORDER_COLUMNS,
-                                        sequence=sequence) for order in (_BY_ID, _BY_REFERENCE))
+                                        sequence=sequence, snapshot=snapshot)
+                 for order, snapshot in ((_BY_ID, _SNAPSHOT + "o.id = $2"),
+                                         (_BY_REFERENCE, _SNAPSHOT + "o.merchant_reference = $3")))
+
+
+# What _refund_at_once found when the credentials no longer hold.
+CREDENTIALS_CHANGED = object()
 
 
 # Attempts to decide one refund when the state keeps moving between read and write.
@@ -297,20 +312,24 @@ class PostgresStore:
         """Decide and apply one refund attempt.
 
         First the one statement of the common case (_REFUND_AT_ONCE); when it
-        does not apply, read, decide and apply. `prefetched`: the snapshot of
-        the command's order from credentials_and_snapshot(), decided on instead
-        of a first read (APPLY_REFUND re-checks it like any read).
-        `signed_with`: the key_id that verified a signed request, from
-        credentials read earlier: the refund is made only in the one statement,
-        while that key is active and its merchant ACTIVE, not requiring
-        timestamps; anything else returns None, nothing written, and the caller
-        authenticates afresh."""
+        does not apply, decide on what it read (a decline: its audit row), and
+        read, decide and apply again while the state keeps moving.
+        `prefetched`: the snapshot of the command's order from
+        credentials_and_snapshot(), decided on instead of a first read
+        (APPLY_REFUND re-checks it like any read). `signed_with`: the key_id
+        that verified a signed request, from credentials read earlier; when
+        that key is no longer active or its merchant no longer ACTIVE without
+        a required timestamp (or the balance moved during the statement), None:
+        nothing written, and the caller authenticates afresh."""
         async with self._connection() as conn:
             statements = self._statements or await self._resolve_statements(conn)
             if prefetched is NOT_READ:
-                result = await self._refund_at_once(conn, statements, command, signed_with)
-                if result is not None or signed_with is not None:
-                    return result
+                found = await self._refund_at_once(conn, statements, command, signed_with)
+                if isinstance(found, domain.RefundResult):
+                    return found
+                if found is CREDENTIALS_CHANGED or (found is NOT_READ and signed_with is not None):
+                    return None
+                prefetched = found  # decide on what the statement read (NOT_READ: read again)
             for _ in range(MAX_DECISIONS):
                 if prefetched is NOT_READ:
                     snapshot = await self._snapshot(conn, command)
@@ -343,8 +362,10 @@ class PostgresStore:
 
     @staticmethod
     async def _refund_at_once(conn, statements: "_RefundStatements", command: domain.RefundCommand,
-                              signed_with: str | None) -> domain.RefundResult | None:
-        """The refund in one statement if it is approved as things stand; None (nothing written) if not."""
+                              signed_with: str | None):
+        """_REFUND_AT_ONCE: the RefundResult when it applied; else the order's snapshot as it
+        read it (None: no such order) to decide on, CREDENTIALS_CHANGED, or NOT_READ when it
+        failed because the balance fell during the statement."""
         now = utc_now()
         statement = statements.at_once_by_id if command.order_id is not None else statements.at_once_by_reference
         try:
@@ -352,11 +373,14 @@ class PostgresStore:
                                       domain.minor_units_by_decimals(command.amount), now, command.amount[:64],
                                       signed_with)
         except asyncpg.NotNullViolationError:
-            return None  # the balance fell below the amount during the statement
-        if row is None:
-            return None
+            return NOT_READ  # the balance fell below the amount during the statement
         values = tuple(row)
-        order, amount, refund_id, masked_pan, stan = _order(values), *values[9:]
+        if not values[0]:
+            return CREDENTIALS_CHANGED
+        snapshot, applied = values[1:1 + _SNAPSHOT_COLUMNS], values[1 + _SNAPSHOT_COLUMNS:]
+        if applied[0] is None:
+            return _snapshot_of(snapshot) if snapshot[0] is not None else None
+        order, amount, refund_id, masked_pan, stan = _order(applied), *applied[9:]
         refund = domain.Transaction(refund_id, order.merchant_id, order.id, "REFUND", order.currency, amount,
                                     "SUCCESS", masked_pan, stan, now)
         return domain.RefundResult(domain.ResponseCode.SUCCESS, "SUCCESS", order, refund)

@@ -1,9 +1,10 @@
 """The refund in one store call (issue 5).
 
 On PostgreSQL the common refund is one statement (_REFUND_AT_ONCE) that
-reads, decides and applies; everything else takes the read-decide-apply path.
-The statement must approve exactly what domain.decide approves, with the same
-answer and the same writes, and write nothing for what it does not approve.
+reads, decides and applies; what it does not apply is decided in Python on the
+snapshot it read. The statement must approve exactly what domain.decide
+approves, with the same answer and the same writes, and for anything else
+write nothing and return the same snapshot as the full path's read.
 
 A signed refund whose merchant's keys were read before verifies its signature
 first and then refunds in one store call with `signed_with`: the store refunds
@@ -106,10 +107,10 @@ def test_the_one_statement_approves_exactly_what_decide_approves(postgres_url):
             after = await _ledger(conn, order_id, state["owner"], state["currency"])
         seen[decision.approved] += 1
         if not decision.approved:
-            assert result is None, (state, amount_text, lookup, decision)
+            assert result == before, (state, amount_text, lookup, decision)  # what it read, to decide on
             assert after == ledger, "a refund the rules decline wrote something"
             return
-        assert result is not None, ("decide approves but the statement does not", state, amount_text, lookup)
+        assert isinstance(result, domain.RefundResult), ("decide approves, the statement does not", state, lookup)
         expected = domain.refunded_order(before.order, decision, result.order.update_time)
         assert result.code is domain.ResponseCode.SUCCESS and result.order == expected
         txn = result.transaction
@@ -251,7 +252,7 @@ def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks
         assert service.stub.MerchantRefund(_signed(key, 3, "4.00")).transaction.amount == "4.00"
         assert reads.count == 1  # ...and then verify the next refunds before any database call
 
-        # A decline, an invalid request and a timestamp take the full path and get their codes.
+        # A decline (answered in the one call), an invalid request and a timestamp (the full path) get their codes.
         for request, reason in ((_signed(key, 1), "ALREADY_REFUNDED"), (_signed(key, 4, "0.001"), "INVALID_AMOUNT"),
                                 (_signed(key, 4, timestamp="2001-01-01T00:00:00Z"), "REQUEST_EXPIRED")):
             with pytest.raises(Exception) as caught:
