@@ -518,8 +518,12 @@ def chain_floor(url: str, warm: Path, bodies: Path, duration: float, pg: Postgre
         raise
     try:
         wrk_result(wrk(edge.address, warm, 8, 2))
-        return measure("chain-floor", lambda: edge_run([edge], bodies, 32, duration),
-                       {"edge": [edge], "service": [service]}, pg)
+        result = measure("chain-floor", lambda: edge_run([edge], bodies, 32, duration),
+                         {"edge": [edge], "service": [service]}, pg)
+        if result["declined"] or result["other"]:  # it does only approvals right: anything else is a fault
+            raise RuntimeError(f"the minimal chain answered {result['declined'] + result['other']} of "
+                               f"{result['requests']} refunds with something other than 0000")
+        return result
     finally:
         edge.stop()
         service.stop()
