@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,29 +24,15 @@ from pathlib import Path
 from bench import run as bench
 
 
-class TreeProcess(bench.Process):
-    """A process of ours started from another copy of the tree."""
-
-    def __init__(self, name: str, tree: Path, argv: list[str], ready: str, env: dict):
-        self.name = name
-        self.log_path = Path(tempfile.mkstemp(prefix=f"ab-{name}-", suffix=".log")[1])
-        with open(self.log_path, "w") as out:
-            self.popen = subprocess.Popen(
-                argv, cwd=tree, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{tree}:{tree}/gen", **env})
-        self.pid = self.popen.pid
-        self.address = self._wait(ready)
-
-
-def start(tree: Path, url: str) -> tuple[TreeProcess, TreeProcess]:
-    env = {"REFUND_DATABASE_URL": url, "REFUND_GRPC_LISTEN": "127.0.0.1:0",
+def start(tree: Path, url: str) -> tuple[bench.Process, bench.Process]:
+    env = {"REFUND_DATABASE_URL": url, "REFUND_GRPC_LISTEN": "127.0.0.1:0", "PYTHONPATH": f"{tree}:{tree}/gen",
            **json.loads(os.environ.get(f"AB_ENV_{tree.name}", "{}"))}
-    service = TreeProcess("service", tree, [sys.executable, "-c", "from service.server import main; main()"],
-                          r"listening on (\S+)", env)
+    service = bench.Process("service", [sys.executable, "-c", "from service.server import main; main()"],
+                            r"listening on (\S+)", env, cwd=tree)
     try:
-        edge = TreeProcess("edge", tree, [sys.executable, "-c", "from gateway_edge.server import main; main()",
-                                          "--listen", "127.0.0.1:0", "--grpc-target", service.address,
-                                          "--log-level", "warning"], r"refund-edge listening on (\S+)", env)
+        edge = bench.Process("edge", [sys.executable, "-c", "from gateway_edge.server import main; main()",
+                                      "--listen", "127.0.0.1:0", "--grpc-target", service.address,
+                                      "--log-level", "warning"], r"refund-edge listening on (\S+)", env, cwd=tree)
     except Exception:
         service.stop()
         raise
@@ -71,8 +56,8 @@ def main(argv=None) -> int:
     runs = {(r, t, m): layout.add(f"{r}-{t}-{'-'.join(m)}", int(args.duration * (1800 if m[0] == "edge" else 2500)),
                                   m[0] == "edge")
             for r in range(args.rounds) for t in range(len(args.trees)) for m in modes}
-    warm = {t: (layout.add(f"warm-edge-{t}", 1500, True), layout.add(f"warm-grpc-{t}", 1500, False))
-            for t in range(len(args.trees))}
+    warm = {(r, t): (layout.add(f"warm-edge-{r}-{t}", 1500, True), layout.add(f"warm-grpc-{r}-{t}", 1500, False))
+            for r in range(args.rounds) for t in range(len(args.trees))}  # fresh orders: warm the approvals
     private, public = bench.make_keys()
     bodies = bench.sign_bodies(private, [s for s in layout.slices.values() if s.signed], work)
     pg = bench.Postgres(args.pg_url) if any(db == "postgres" for _, db in modes) else None
@@ -91,8 +76,8 @@ def main(argv=None) -> int:
                 for db, url in urls.items():
                     service, edge = start(tree, url)
                     try:
-                        bench.wrk_result(bench.wrk(edge.address, bodies[warm[t][0].name], 8, 2))
-                        bench.json_result(bench.grpc_loadgen([service.address], warm[t][1], 8, 1.5))
+                        bench.wrk_result(bench.wrk(edge.address, bodies[warm[(r, t)][0].name], 8, 2))
+                        bench.json_result(bench.grpc_loadgen([service.address], warm[(r, t)][1], 8, 1.5))
                         for mode in modes:
                             if mode[1] != db:
                                 continue

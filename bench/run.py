@@ -105,11 +105,11 @@ def children_cpu() -> float:
 class Process:
     """A real process of ours, its output in a file, started and waited for."""
 
-    def __init__(self, name: str, argv: list[str], ready: str, env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], ready: str, env: dict | None = None, cwd: Path = ROOT):
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         with open(self.log_path, "w") as out:
-            self.popen = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            self.popen = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.pid = self.popen.pid
         self.address = self._wait(ready)
@@ -550,6 +550,7 @@ def run(args) -> dict:
             "warm-edge": layout.add("warm-edge", 2000, True),
             **{f"edge-{c}": layout.add(f"edge-{c}", edge_size, True) for c in levels},
             "edge-scale": layout.add("edge-scale", edge_size, True),
+            "warm-scale": layout.add("warm-scale", 2000, True),
             "soak": layout.add("soak", min(30_000, max(edge_size, int(args.soak * 1500))), True),
             "warm-grpc": layout.add("warm-grpc", 3000, False),
             **{f"grpc-{c}": layout.add(f"grpc-{c}", grpc_size, False) for c in levels},
@@ -648,8 +649,8 @@ def run(args) -> dict:
             # each edge spreads its calls over both services (round_robin over a two-address target)
             edges = [start_edge("ipv4:" + ",".join(s.address for s in services)) for _ in range(2)]
             processes += services + edges
-            for e in edges:
-                wrk_result(wrk(e.address, bodies["warm-edge"], 4, 1))
+            for e, part in zip(edges, split_file(bodies["warm-scale"], len(edges))):  # orders not yet refunded
+                wrk_result(wrk(e.address, part, 4, 1))
             group = {"edge": edges, "service": services}
             result = measure("edge", lambda: edge_run(edges, bodies["edge-scale"], 32, duration), group, pg)
             add(report, result, "postgres", "edge", 32, 2)

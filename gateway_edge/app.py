@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from gateway_edge import metrics as edge_metrics
 from gateway_edge.answers import Answer
 from gateway_edge.signer import ResponseSigner
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import strict_json, telemetry
+from service import domain, strict_json, telemetry
 from service.domain import ResponseCode
 
 log = logging.getLogger("refund-edge")
@@ -50,7 +49,6 @@ QUERY_PATH = "/direct/query"
 METRICS_PATH = "/metrics"
 # Routes polled by machines: their requests are logged at DEBUG only.
 QUIET_PATHS = frozenset({"/healthz", METRICS_PATH})
-IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
 _BACKEND_FAILURES = frozenset({ResponseCode.SERVICE_UNAVAILABLE, ResponseCode.SYSTEM_ERROR})
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 BACKEND_SERVICE = refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name
@@ -336,7 +334,7 @@ def _idempotency_key(scope) -> str | Answer:
     if not values:
         return ""
     key = values[0].decode("latin-1")
-    if len(values) > 1 or not IDEMPOTENCY_KEY.match(key):
+    if len(values) > 1 or not domain.IDEMPOTENCY_KEY.match(key):
         return answers.invalid_request("Idempotency-Key must be one header of 1 to 64 printable ASCII characters")
     return key
 

@@ -85,6 +85,9 @@ KNOWN_CURRENCIES = frozenset(
 # The most decimals any known currency has.
 MAX_DECIMALS = max(2, *_MINOR_UNITS_EXCEPTIONS.values())
 
+# Idempotency-Key (API.md section 7): 1 to 64 printable ASCII characters.
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
+
 # Amounts are stored as signed 64-bit integers of minor units.
 MAX_MINOR_UNITS = 2**63 - 1
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -58,8 +57,6 @@ GRPC_CODES = {
 # Margin left to answer UNAVAILABLE before the caller's deadline expires.
 DEADLINE_MARGIN = 0.05
 
-# Idempotency-Key (API.md section 7): 1-64 printable ASCII characters.
-IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
 # Answers that say nothing was decided: not stored, the key is released and a retry runs again.
 UNSTORED_ANSWERS = frozenset(code.value for code in (
     ResponseCode.SERVICE_UNAVAILABLE, ResponseCode.SYSTEM_ERROR, ResponseCode.REQUEST_EXPIRED,
@@ -219,15 +216,13 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
     async def MerchantRefund(self, request, context):
         async def operation():
             key = request.idempotency_key
-            if key and not IDEMPOTENCY_KEY.match(key):
+            if key and not domain.IDEMPOTENCY_KEY.match(key):
                 raise domain.InvalidRequest("Idempotency-Key must be 1 to 64 printable ASCII characters")
             if not key:
                 reply = await self._refund_with_known_keys(request.request, request.signature)
                 if reply is not None:
                     return reply
-            # Without a key the refund follows at once: read the order with the merchant's keys.
-            signed = await signing.authenticate(self._store, request.request, request.signature,
-                                                prefetch_order=not key, known=self._known)
+            signed = await signing.authenticate(self._store, request.request, request.signature, known=self._known)
             if key:
                 return await self._idempotent(signed, key, lambda: self._signed_refund(signed))
             return await self._signed_refund(signed)
@@ -260,10 +255,7 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
     async def _signed_refund(self, signed: signing.Authenticated) -> refund_pb2.RefundResponse:
         signing.check_active(signed)
         await freshness.check(self._store, signed, utc_now)
-        command = signing.command_from(signed.fields)
-        if signed.prefetched is not None and signed.prefetched[0] == (command.order_id, command.merchant_reference):
-            return refund_answer(await self._store.refund(command, signed.prefetched[1]))
-        return refund_answer(await self._store.refund(command))
+        return refund_answer(await self._store.refund(signing.command_from(signed.fields)))
 
     async def _idempotent(self, signed: signing.Authenticated, key: str, execute) -> refund_pb2.RefundResponse:
         """Run `execute` at most once for (merchant, key): the first call claims the

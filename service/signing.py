@@ -158,8 +158,6 @@ class Authenticated:
     fields: dict
     merchant_id: int
     credentials: MerchantCredentials
-    # ((orderId, merchantReference), the order's snapshot or None) when read with the credentials
-    prefetched: tuple | None = None
 
 
 class KnownCredentials:
@@ -186,40 +184,18 @@ class KnownCredentials:
         self._credentials[merchant_id] = credentials
 
 
-async def authenticate(store, request: bytes, signature: str, *, prefetch_order: bool = False,
+async def authenticate(store, request: bytes, signature: str, *,
                        known: KnownCredentials | None = None) -> Authenticated:
-    """Parse a signed request and verify its signature (2001 otherwise).
-
-    With `prefetch_order`, a store that can (PostgreSQL) reads the order's
-    snapshot in the same round trip as the merchant's keys; it is kept in
-    `prefetched` for the refund, and nothing of it is used unless the
-    signature verifies. The credentials read are remembered in `known`."""
+    """Parse a signed request and verify its signature (2001 otherwise) with
+    the merchant's keys as the store has them now; they are remembered in `known`."""
     fields = parse_request(request)
     merchant_id = domain.parse_merchant_id(fields["merchantId"])
-    key = _prefetchable_order_key(fields) if prefetch_order and hasattr(store, "credentials_and_snapshot") else None
-    prefetched = None
-    if key is not None:
-        credentials, snapshot = await store.credentials_and_snapshot(merchant_id, *key)
-        prefetched = (key, snapshot)
-    else:
-        credentials = await store.merchant_credentials(merchant_id)
+    credentials = await store.merchant_credentials(merchant_id)
     if known is not None:
         known.remember(merchant_id, credentials)
     if credentials is None or not verify(request, signature, credentials.public_keys_pem):
         raise AuthenticationFailed("authentication failed")
-    return Authenticated(request, fields, merchant_id, credentials, prefetched)
-
-
-def _prefetchable_order_key(fields: dict) -> tuple[int | None, str | None] | None:
-    """The order key a refund of these fields would use, or None when the fields are
-    not a valid one (the refund then reads nothing early and answers the error)."""
-    try:
-        order_id, reference = order_key(fields)
-    except domain.DomainError:
-        return None
-    if order_id is None and reference is None:
-        return None
-    return order_id, reference
+    return Authenticated(request, fields, merchant_id, credentials)
 
 
 def check_active(signed: Authenticated) -> None:

@@ -1,15 +1,12 @@
 """PostgreSQL store on asyncpg: fixed, prepared statements, no ORM objects.
 
 Every statement runs on its own (so each is atomic, with no BEGIN/COMMIT).
-A refund that is approved as things stand is one statement, _REFUND_AT_ONCE:
-it reads the order, its payment method's capability, the balance and any
-earlier refund, checks each of domain.decide's conditions for approval, and
-applies the refund, guarding itself like APPLY_REFUND below. Anything else
-(every decline, a race) changes nothing there and takes the full path, two
-round trips:
-1. SNAPSHOT reads the order, its payment method's capability, the balance and
-   the earlier refund in one consistent read; `domain.decide` applies the rules;
-2. a declined attempt inserts its audit row. An approved one runs
+A refund is first _REFUND_AT_ONCE: one statement that reads the order, its
+payment method's capability, the balance and any earlier refund, and applies
+the refund when each of domain.decide's conditions for approval holds. What it
+does not apply, `domain.decide` decides on the snapshot that statement read:
+1. a declined attempt inserts its audit row (the second statement);
+2. an approval it did not apply (the state moved during the statement) runs
    APPLY_REFUND, which re-checks in the database what the decision assumed:
    the order is marked only if its status is still the one read (so two
    attempts on one order cannot both pass), the balance is debited only
@@ -17,8 +14,9 @@ round trips:
    longer covers the amount the statement fails as a whole (the refund row's
    amount is then NULL, which NOT NULL refuses), so an order is never marked
    without its debit nor debited without its refund row. When the statement
-   changes nothing or fails that way, the state moved since the read: read and
-   decide again (the second answer is then 3003 or 4004).
+   changes nothing or fails that way, the state moved since the read: read
+   (SNAPSHOT) and decide again (the answer is then 3003 or 4004).
+_REFUND_AT_ONCE guards itself the same way.
 Behind both rules stand the unique index `uq_one_refund_per_order` and the
 check `unsettled >= 0`.
 """
@@ -59,21 +57,8 @@ WHERE o.merchant_id = $1 AND """
 SNAPSHOT_BY_ID = _SNAPSHOT + "o.id = $2"
 SNAPSHOT_BY_REFERENCE = _SNAPSHOT + "o.merchant_reference = $2"
 
-# MerchantRefund's first read, one statement instead of two: the merchant's
-# status and active keys (newest first) with the order's snapshot, NULL columns
-# when there is no such order. The snapshot is looked at only once the
-# signature has verified.
-_CREDENTIALS_AND_SNAPSHOT = f"""
-SELECT m.status, m.require_timestamp,
-       ARRAY(SELECT ARRAY[k.key_id, k.public_key_pem] FROM merchant_keys k WHERE k.merchant_id = m.id AND k.active
-             ORDER BY k.created_at DESC) AS keys,
-       s.*
-FROM merchants m
-LEFT JOIN LATERAL ({_SNAPSHOT}"""
-CREDENTIALS_AND_SNAPSHOT_BY_ID = _CREDENTIALS_AND_SNAPSHOT + "o.id = $2) s ON true WHERE m.id = $1"
-CREDENTIALS_AND_SNAPSHOT_BY_REFERENCE = _CREDENTIALS_AND_SNAPSHOT + "o.merchant_reference = $2) s ON true WHERE m.id = $1"
-
-# refund()'s `prefetched` when the caller has not read the snapshot.
+# What _refund_at_once returns when its statement failed because the balance fell
+# during it: nothing was read that may be decided on.
 NOT_READ = object()
 
 BALANCE = "SELECT unsettled FROM balances WHERE merchant_id = $1 AND currency = $2"
@@ -198,7 +183,7 @@ def refund_at_once(sequence: str) -> tuple[str, str]:
     """_REFUND_AT_ONCE (by order id, by merchant reference) naming the sequence with `sequence`."""
     return tuple(_REFUND_AT_ONCE.format(decimals=_decimals_of_currency(), order=order, order_columns=ORDER_COLUMNS,
                                         sequence=sequence, snapshot=snapshot)
-                 for order, snapshot in ((_BY_ID, _SNAPSHOT + "o.id = $2"),
+                 for order, snapshot in ((_BY_ID, SNAPSHOT_BY_ID),
                                          (_BY_REFERENCE, _SNAPSHOT + "o.merchant_reference = $3")))
 
 
@@ -307,52 +292,51 @@ class PostgresStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
-    async def refund(self, command: domain.RefundCommand, prefetched=NOT_READ, *,
+    async def refund(self, command: domain.RefundCommand, *,
                      signed_with: str | None = None) -> domain.RefundResult | None:
-        """Decide and apply one refund attempt.
-
-        First the one statement of the common case (_REFUND_AT_ONCE); when it
-        does not apply, decide on what it read (a decline: its audit row), and
-        read, decide and apply again while the state keeps moving.
-        `prefetched`: the snapshot of the command's order from
-        credentials_and_snapshot(), decided on instead of a first read
-        (APPLY_REFUND re-checks it like any read). `signed_with`: the key_id
-        that verified a signed request, from credentials read earlier; when
-        that key is no longer active or its merchant no longer ACTIVE without
-        a required timestamp (or the balance moved during the statement), None:
-        nothing written, and the caller authenticates afresh."""
+        """Decide and apply one refund attempt: the one statement of the common
+        case (_REFUND_AT_ONCE); when it does not apply, decide on what it read.
+        `signed_with`: the key_id that verified a signed request, from
+        credentials read earlier; when that key is no longer active or its
+        merchant no longer ACTIVE without a required timestamp (or the balance
+        moved during the statement), None: nothing written, and the caller
+        authenticates afresh."""
         async with self._connection() as conn:
             statements = self._statements or await self._resolve_statements(conn)
-            if prefetched is NOT_READ:
-                found = await self._refund_at_once(conn, statements, command, signed_with)
-                if isinstance(found, domain.RefundResult):
-                    return found
-                if found is CREDENTIALS_CHANGED or (found is NOT_READ and signed_with is not None):
-                    return None
-                prefetched = found  # decide on what the statement read (NOT_READ: read again)
-            for _ in range(MAX_DECISIONS):
-                if prefetched is NOT_READ:
-                    snapshot = await self._snapshot(conn, command)
-                else:
-                    snapshot, prefetched = prefetched, NOT_READ
-                decision = domain.decide(command, snapshot)
-                now = utc_now()
-                if not decision.approved:
-                    order_id = snapshot.order.id if snapshot else command.order_id
-                    await conn.execute(AUDIT, command.merchant_id, order_id, command.merchant_reference,
-                                       command.amount[:64], decision.code.value, None, now)
-                    return domain.result_of(decision, snapshot)
-                order = snapshot.order
-                try:
-                    applied = await conn.fetchrow(
-                        statements.apply, command.merchant_id, order.id, order.currency, decision.amount,
-                        decision.new_status, now, command.merchant_reference, command.amount[:64], order.status)
-                except asyncpg.NotNullViolationError:
-                    applied = None  # the balance fell below the amount since the read
-                if applied is not None:
-                    refund = domain.Transaction(applied["id"], order.merchant_id, order.id, "REFUND", order.currency,
-                                                decision.amount, "SUCCESS", applied["masked_pan"], applied["stan"], now)
-                    return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
+            found = await self._refund_at_once(conn, statements, command, signed_with)
+            if isinstance(found, domain.RefundResult):
+                return found
+            if found is CREDENTIALS_CHANGED or (found is NOT_READ and signed_with is not None):
+                return None
+            if found is NOT_READ:
+                found = await self._snapshot(conn, command)
+            return await self._decide_and_apply(conn, statements, command, found)
+
+    async def _decide_and_apply(self, conn, statements: "_RefundStatements", command: domain.RefundCommand,
+                                snapshot: domain.OrderSnapshot | None) -> domain.RefundResult:
+        """Decide on `snapshot`: a decline inserts its audit row; an approval runs
+        APPLY_REFUND, which re-checks the read; when the state moved since
+        (it changes nothing), read and decide again."""
+        for _ in range(MAX_DECISIONS):
+            decision = domain.decide(command, snapshot)
+            now = utc_now()
+            if not decision.approved:
+                order_id = snapshot.order.id if snapshot else command.order_id
+                await conn.execute(AUDIT, command.merchant_id, order_id, command.merchant_reference,
+                                   command.amount[:64], decision.code.value, None, now)
+                return domain.result_of(decision, snapshot)
+            order = snapshot.order
+            try:
+                applied = await conn.fetchrow(
+                    statements.apply, command.merchant_id, order.id, order.currency, decision.amount,
+                    decision.new_status, now, command.merchant_reference, command.amount[:64], order.status)
+            except asyncpg.NotNullViolationError:
+                applied = None  # the balance fell below the amount since the read
+            if applied is not None:
+                refund = domain.Transaction(applied["id"], order.merchant_id, order.id, "REFUND", order.currency,
+                                            decision.amount, "SUCCESS", applied["masked_pan"], applied["stan"], now)
+                return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
+            snapshot = await self._snapshot(conn, command)
         raise StoreUnavailable("the order kept changing; retry")
 
     async def _resolve_statements(self, conn) -> "_RefundStatements":
@@ -468,22 +452,6 @@ class PostgresStore:
         keys = [r for r in rows if r["public_key_pem"]]
         return MerchantCredentials(rows[0]["status"], tuple(r["public_key_pem"] for r in keys),
                                    rows[0]["require_timestamp"], tuple(r["key_id"] for r in keys))
-
-    async def credentials_and_snapshot(self, merchant_id: int, order_id: int | None, reference: str | None):
-        """(merchant_credentials(merchant_id), the snapshot of the merchant's order) in one round trip;
-        the snapshot is None when there is no such order."""
-        async with self._connection() as conn:
-            if order_id is not None:
-                row = await conn.fetchrow(CREDENTIALS_AND_SNAPSHOT_BY_ID, merchant_id, order_id)
-            else:
-                row = await conn.fetchrow(CREDENTIALS_AND_SNAPSHOT_BY_REFERENCE, merchant_id, reference)
-        if row is None:
-            return None, None
-        values = tuple(row)
-        keys = values[2]
-        credentials = MerchantCredentials(values[0], tuple(pem for _, pem in keys), values[1],
-                                          tuple(key_id for key_id, _ in keys))
-        return credentials, (_snapshot_of(values[3:]) if values[3] is not None else None)
 
     # -- Idempotency-Key and replay window (only for requests that carry them) --
 

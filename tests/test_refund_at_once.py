@@ -39,6 +39,7 @@ from tests.edge_fixtures import (
     sign,
 )
 from tests.grpc_harness import InProcessService, error_info
+from tests.prove_helpers import read_ledger
 
 MERCHANT, OTHER = 3300001, 3300002
 CURRENCIES = {"HKD": 2, "JPY": 0, "BHD": 3}
@@ -105,10 +106,16 @@ def test_the_one_statement_approves_exactly_what_decide_approves(postgres_url):
             ledger = await _ledger(conn, order_id, state["owner"], state["currency"])
             result = await store._refund_at_once(conn, statements, command, None)
             after = await _ledger(conn, order_id, state["owner"], state["currency"])
+            if not decision.approved:  # decided on what the statement read: the decline's audit row
+                declined = await store._decide_and_apply(conn, statements, command, result)
+                audited = await _ledger(conn, order_id, state["owner"], state["currency"])
         seen[decision.approved] += 1
+        audit_row = (MERCHANT, command.merchant_reference, amount_text[:64], decision.code.value)
         if not decision.approved:
             assert result == before, (state, amount_text, lookup, decision)  # what it read, to decide on
             assert after == ledger, "a refund the rules decline wrote something"
+            assert declined.code is decision.code
+            assert audited == {**ledger, "attempts": ledger["attempts"] + [(*audit_row, None)]}  # rule 8
             return
         assert isinstance(result, domain.RefundResult), ("decide approves, the statement does not", state, lookup)
         expected = domain.refunded_order(before.order, decision, result.order.update_time)
@@ -119,7 +126,7 @@ def test_the_one_statement_approves_exactly_what_decide_approves(postgres_url):
         assert txn.stan == f"{txn.id % 1_000_000:06d}" and txn.create_time == result.order.update_time
         assert after == {"status": decision.new_status, "balance": ledger["balance"] - decision.amount,
                          "refunds": ledger["refunds"] + [(txn.id, decision.amount)],
-                         "attempts": ledger["attempts"] + [("0000", txn.id)]}
+                         "attempts": ledger["attempts"] + [(*audit_row, txn.id)]}
 
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(attempts())
@@ -171,9 +178,33 @@ async def _ledger(conn, order_id: int, owner: int, currency: str) -> dict:
                                        owner, currency),
         "refunds": [tuple(r) for r in await conn.fetch(
             "SELECT id, amount FROM transactions WHERE order_id = $1 AND type = 'REFUND' ORDER BY id", order_id)],
+        # every attempt since the order was made (a decline by reference of a missing order names none)
         "attempts": [tuple(r) for r in await conn.fetch(
-            "SELECT response_code, transaction_id FROM refund_attempts WHERE order_id = $1 ORDER BY id", order_id)],
+            "SELECT merchant_id, merchant_reference, amount, response_code, transaction_id FROM refund_attempts "
+            "WHERE created_at >= (SELECT create_time FROM orders WHERE id = $1) ORDER BY id", order_id)],
     }
+
+
+@pytest.mark.postgres
+def test_a_stale_snapshot_never_refunds_twice(postgres_url):
+    """What the one statement read may be stale by the time a decision on it is
+    applied: the guarded apply refuses it, and the answer is the earlier refund."""
+    data.load(postgres_url, [data.merchant(MERCHANT, balances={"HKD": "100.00"})], [data.order(1, MERCHANT, "10.00")])
+    command = domain.RefundCommand(MERCHANT, 1, None, "10.00")
+
+    async def work(store):
+        async with store._connection() as conn:
+            statements = store._statements or await store._resolve_statements(conn)
+            stale = await store._snapshot(conn, command)
+        first = await store.refund(command)  # refunded since that read
+        async with store._connection() as conn:
+            second = await store._decide_and_apply(conn, statements, command, stale)
+        return first, second
+
+    first, second = run(postgres_url, work)
+    assert first.code is domain.ResponseCode.SUCCESS
+    assert second.code is domain.ResponseCode.ALREADY_REFUNDED
+    assert second.transaction.id == first.transaction.id
 
 
 # -- signed_with: the key and the merchant are checked where the refund is made ----
@@ -182,9 +213,14 @@ async def _ledger(conn, order_id: int, owner: int, currency: str) -> dict:
 @pytest.fixture
 def keyed(database_url):
     key = generated_key("at-once")
-    data.load(database_url, [data.merchant(MERCHANT, public_pem(key), balances={"HKD": "1000.00"})],
-              [data.order(order_id, MERCHANT, "10.00") for order_id in range(1, 8)])
+    data.load(database_url, [data.merchant(MERCHANT, public_pem(key), balances={"HKD": "1000.00"}),
+                             data.merchant(OTHER, balances={"HKD": "1000.00"})],
+              [data.order(order_id, MERCHANT, "10.00") for order_id in range(1, 8)]
+              + [data.order(OTHERS_ORDER, OTHER, "10.00")])
     return database_url
+
+
+OTHERS_ORDER = 8
 
 
 def _refund(order_id: int, signed_with: str | None):
@@ -214,6 +250,7 @@ def test_signed_with_a_key_that_no_longer_holds_writes_nothing(keyed, change):
     order, transactions = run(keyed, lambda store: store.get_order(MERCHANT, 2, None))
     assert order.status == "SUCCESS" and [t.type for t in transactions] == ["SALE"]
     assert balance_of(keyed, MERCHANT, "HKD") == 100_000
+    assert _audit(keyed, 2) == []  # the full path that follows records the attempt, once
 
 
 # -- the service: known keys, then a refund that checks them -------------------------
@@ -224,9 +261,7 @@ class CountingReads:
 
     def __init__(self, store):
         self.count = 0
-        for name in ("merchant_credentials", "credentials_and_snapshot"):
-            if hasattr(store, name):
-                setattr(store, name, self._counted(getattr(store, name)))
+        store.merchant_credentials = self._counted(store.merchant_credentials)
 
     def _counted(self, method):
         async def counted(*args, **kwargs):
@@ -252,12 +287,20 @@ def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks
         assert service.stub.MerchantRefund(_signed(key, 3, "4.00")).transaction.amount == "4.00"
         assert reads.count == 1  # ...and then verify the next refunds before any database call
 
-        # A decline (answered in the one call), an invalid request and a timestamp (the full path) get their codes.
-        for request, reason in ((_signed(key, 1), "ALREADY_REFUNDED"), (_signed(key, 4, "0.001"), "INVALID_AMOUNT"),
-                                (_signed(key, 4, timestamp="2001-01-01T00:00:00Z"), "REQUEST_EXPIRED")):
-            with pytest.raises(Exception) as caught:
-                service.stub.MerchantRefund(request)
-            assert error_info(caught.value)[0].reason == reason
+        # Declines are answered in that one call too, each recorded once with its code (rule 8);
+        # another merchant's order is one that does not exist (rule 1).
+        _assert_refused(service, _signed(key, 1), "ALREADY_REFUNDED")
+        _assert_refused(service, _signed(key, 4, "0.001"), "INVALID_AMOUNT")
+        _assert_refused(service, _signed(key, OTHERS_ORDER), "ORDER_NOT_FOUND")
+        assert reads.count == 1
+        assert _audit(keyed, 1) == [(MERCHANT, "0000"), (MERCHANT, "3003")]
+        assert _audit(keyed, 4) == [(MERCHANT, "1002")]
+        assert _audit(keyed, OTHERS_ORDER) == [(MERCHANT, "3001")]
+        order, transactions = run(keyed, lambda store: store.get_order(OTHER, OTHERS_ORDER, None))
+        assert order.status == "SUCCESS" and [t.type for t in transactions] == ["SALE"]
+        assert balance_of(keyed, OTHER, "HKD") == 100_000
+        # A timestamp takes the full path (the replay window) and gets its code.
+        _assert_refused(service, _signed(key, 4, timestamp="2001-01-01T00:00:00Z"), "REQUEST_EXPIRED")
 
         set_merchant_status(keyed, MERCHANT, "SUSPENDED")
         _assert_refused(service, _signed(key, 5), "MERCHANT_INACTIVE")
@@ -275,6 +318,7 @@ def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks
     for order_id in (6, 7):
         order, transactions = run(keyed, lambda store: store.get_order(MERCHANT, order_id, None))
         assert order.status == "SUCCESS" and [t.type for t in transactions] == ["SALE"]
+        assert _audit(keyed, order_id) == []  # a refused signature decides nothing about the order
 
 
 def _assert_refused(service: InProcessService, request: refund_pb2.SignedRequest, reason: str) -> None:
@@ -295,3 +339,8 @@ def test_a_new_key_is_read_when_the_known_ones_do_not_verify(keyed):
         assert reads.count == 0  # k2 is known now
     finally:
         service.close()
+
+
+def _audit(url: str, order_id: int) -> list[tuple[int, str]]:
+    """(merchant, response code) of every attempt recorded for the order."""
+    return [(merchant, code) for merchant, oid, _, code, _ in read_ledger(url).audit if oid == order_id]
