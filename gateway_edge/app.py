@@ -65,7 +65,7 @@ CHANNEL_OPTIONS = (
     ("grpc.lb_policy_name", "round_robin"),
 )
 
-_JSON_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
+_NO_STORE = (b"cache-control", b"no-store")
 _ENVELOPE_SHAPE = "the body must be a JSON object with the string fields request and signature"
 
 
@@ -357,9 +357,10 @@ class _Responder:
     """Sends one response (JSON unless told otherwise), with X-Request-Id and,
     with a signer, X-Signature; remembers its status and response code."""
 
-    def __init__(self, send, request_id: str = "", signer: ResponseSigner | None = None):
+    def __init__(self, send, request_id: str, signer: ResponseSigner | None = None):
         self._send = send
         self.request_id = request_id
+        self._request_id_header = (b"x-request-id", request_id.encode("ascii"))
         self._signer = signer
         self.started = False
         self.status: int | None = None
@@ -370,12 +371,9 @@ class _Responder:
         self.response_code = answer.code
         await self.send(answer.status, body, extra_headers)
 
-    async def send(self, status: int, body: bytes, extra_headers=(), content_type: bytes | None = None):
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii")), *extra_headers]
-        if content_type is not None:
-            headers[0] = (b"content-type", content_type)
-        if self.request_id:
-            headers.append((b"x-request-id", self.request_id.encode("ascii")))
+    async def send(self, status: int, body: bytes, extra_headers=(), content_type: bytes = b"application/json"):
+        headers = [(b"content-type", content_type), _NO_STORE, (b"content-length", str(len(body)).encode("ascii")),
+                   *extra_headers, self._request_id_header]
         if self._signer is not None:
             headers.append((b"x-signature", self._signer.signature(body)))
         self.started = True
