@@ -9,6 +9,9 @@
     refund-admin key add MERCHANT_ID KEY_ID PEM_FILE
     refund-admin key deactivate MERCHANT_ID KEY_ID
     refund-admin balance MERCHANT_ID
+    refund-admin balance adjust MERCHANT_ID CURRENCY AMOUNT --reason TEXT [--id ID]
+    refund-admin settlements [MERCHANT_ID]
+    refund-admin verify
     refund-admin gateway-key create --out FILE
     refund-admin gateway-key public [--all]
     refund-admin purge-idempotency [--older-than 48h]
@@ -18,10 +21,16 @@ sqlite:///refund.db; its password is never printed.
 
 `load` checks the whole file before it touches the database, then applies it
 in one transaction: a bad file is refused whole, with one line per bad entry,
-and nothing is written. Reloading the same file changes nothing:
+and nothing is written. It creates what is missing and never overwrites money
+or status; reloading the same file changes nothing:
 
-- payment methods, merchants (name, status) and balances are set to the
-  file's values (a balance is set, never added to);
+- payment methods are added, or their refund capability set to the file's;
+  merchants are added with the file's status, and an existing merchant keeps
+  its status (only `merchant suspend|activate` change it; its name is set);
+- a balance is created with its opening journal entry; an existing balance
+  is never changed (it moves only by journaled commands: refunds, sales,
+  settlements, `balance adjust`). What the file says differently of a
+  merchant's status or a balance is reported as left alone;
 - keys are added, active; a key already registered keeps its active flag and
   its created_at (a reload never reactivates a key an operator deactivated),
   and a keyId registered with a different public key is refused;
@@ -32,7 +41,8 @@ and nothing is written. Reloading the same file changes nothing:
   status (a refund since the last load is not undone) and is reported.
 
 Exit status: 0 done; 1 refused (unknown merchant or key, a conflict);
-2 bad input (usage, a bad load file); 3 database unavailable or not migrated.
+2 bad input (usage, a bad load file); 3 database unavailable or not migrated;
+4 `verify` found discrepancies (each is named).
 """
 
 from __future__ import annotations
@@ -56,17 +66,18 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from service import config, db, domain, schema
+from service import config, db, domain, ledger, schema
 from service.signing import MIN_KEY_BITS
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
 EXIT_DATABASE = 3
+EXIT_DISCREPANCIES = 4
 
 MERCHANT_STATUSES = ("ACTIVE", "SUSPENDED")
 CAPABILITIES = tuple(c.value for c in domain.RefundCapability)
 ORDER_STATUSES = tuple(s.value for s in domain.OrderStatus)
-MAX_ID = domain.MAX_MINOR_UNITS
+MAX_ID = domain.MAX_ID
 MAX_PROBLEMS_SHOWN = 50
 
 
@@ -550,7 +561,15 @@ def _write(conn, plan: Plan, existing: Existing) -> LoadReport:
     counts = {name: Counter() for name in ("payment methods", "merchants", "keys", "balances", "orders")}
     notes = []
     _upsert(conn, schema.payment_methods, plan.payment_methods, existing.payment_methods, counts["payment methods"])
-    _upsert(conn, schema.merchants, plan.merchants, existing.merchants, counts["merchants"])
+    merchants = []
+    for entry in plan.merchants:  # a merchant's status changes only by `merchant suspend|activate`
+        old = existing.merchants.get((entry.row["id"],))
+        if old is not None and old["status"] != entry.row["status"]:
+            notes.append(f"merchant {old['id']} left {old['status']} (the file says {entry.row['status']}; "
+                         "use refund-admin merchant suspend|activate)")
+            entry = Entry(entry.label, {**entry.row, "status": old["status"]})
+        merchants.append(entry)
+    _upsert(conn, schema.merchants, merchants, existing.merchants, counts["merchants"])
 
     new_keys = []
     for entry in plan.keys:
@@ -562,7 +581,27 @@ def _write(conn, plan: Plan, existing: Existing) -> LoadReport:
     if new_keys:
         conn.execute(schema.merchant_keys.insert(), new_keys)
 
-    _upsert(conn, schema.balances, plan.balances, existing.balances, counts["balances"])
+    new_balances, openings = [], []
+    for entry in plan.balances:  # a live balance moves only by journaled commands
+        row = entry.row
+        old = existing.balances.get((row["merchant_id"], row["currency"]))
+        if old is None:
+            new_balances.append(row)
+            if row["unsettled"]:
+                openings.append({"merchant_id": row["merchant_id"], "currency": row["currency"], "kind": "OPENING",
+                                 "amount": row["unsettled"], "balance_after": row["unsettled"], "created_at": now})
+            counts["balances"]["added"] += 1
+        elif old["unsettled"] != row["unsettled"]:
+            notes.append(f"balance {row['currency']} of merchant {row['merchant_id']} left at "
+                         f"{domain.format_minor(old['unsettled'], row['currency'])} (the file says "
+                         f"{domain.format_minor(row['unsettled'], row['currency'])}; use refund-admin balance adjust)")
+            counts["balances"]["kept"] += 1
+        else:
+            counts["balances"]["unchanged"] += 1
+    if new_balances:
+        conn.execute(schema.balances.insert(), new_balances)
+    if openings:
+        conn.execute(schema.ledger_entries.insert(), openings)
 
     new_orders, sales = [], []
     for entry in plan.orders:
@@ -699,7 +738,8 @@ def cmd_demo(args, url: str) -> None:
     print(f"merchant {DEMO_MERCHANT_ID} {DEMO_MERCHANT_NAME!r}, key {key_id}")
     print(f"private key: {key_path} ({'created' if created else 'kept'}); "
           f"public key: {directory / DEMO_PUBLIC_KEY_FILE}")
-    print(f"balances: {', '.join(f'{c} {v}' for c, v in DEMO_BALANCES.items())} (set at each demo run)")
+    print(f"balances: {', '.join(f'{c} {v}' for c, v in DEMO_BALANCES.items())} when first loaded "
+          "(see refund-admin balance " + str(DEMO_MERCHANT_ID) + ")")
     print("orders:")
     for order in orders:
         amount = domain.format_minor(order.amount, order.currency)
@@ -850,6 +890,62 @@ def cmd_balance(args, url: str) -> None:
         balances = _balances(conn, merchant_id)
     print(f"unsettled balances of merchant {merchant_id}:")
     _print_balances(balances)
+
+
+def cmd_balance_adjust(args, url: str) -> None:
+    """Credit or debit an unsettled balance by a journaled adjustment."""
+    merchant_id = _merchant_id(args.merchant_id)
+    try:
+        currency = _currency(args.currency)
+        amount = ledger.parse_signed_amount(args.amount, currency)
+        reason = _text(args.reason, "--reason", 500)
+        adjustment_id = _text(args.id, "--id", 64) if args.id is not None else None
+    except Invalid as exc:
+        raise AdminError(str(exc), EXIT_BAD_INPUT) from None
+    except domain.DomainError as exc:
+        raise AdminError(f"AMOUNT {args.amount!r}: {exc.message}", EXIT_BAD_INPUT) from None
+    with _engine(url) as engine:
+        try:
+            made, new = ledger.adjust_balance(engine, merchant_id, currency, amount, reason, adjustment_id)
+        except ledger.LedgerRefused as exc:
+            raise AdminError(str(exc)) from None
+    change = domain.format_minor(made.amount, currency)
+    after = domain.format_minor(made.balance_after, currency)
+    if new:
+        print(f"adjustment {made.adjustment_id}: merchant {merchant_id} {currency} {change}, balance now {after}")
+    else:
+        print(f"adjustment {made.adjustment_id} was made before ({made.created_at.isoformat(timespec='seconds')}): "
+              f"{currency} {change}, balance after it {after}; nothing changed")
+
+
+def cmd_settlements(args, url: str) -> None:
+    merchant_id = _merchant_id(args.merchant_id) if args.merchant_id is not None else None
+    with _engine(url) as engine:
+        rows = ledger.settlements(engine, merchant_id, args.limit)
+    if not rows:
+        print("no settlements")
+    for row in rows:
+        created = _utc(row.created_at).isoformat(timespec="seconds")
+        print(f"{row.settlement_id}  merchant {row.merchant_id}  {row.currency} "
+              f"{domain.format_minor(row.amount, row.currency)}  balance after "
+              f"{domain.format_minor(row.balance_after, row.currency)}  {created}")
+
+
+def cmd_verify(args, url: str) -> None:
+    """Recompute every balance from the journal and check every link; exit 4 naming each discrepancy."""
+    result = ledger.verify(url)
+    print(f"verified {config.redact(url)}: " + ", ".join(f"{n} {name}" for name, n in result.counts.items()))
+    for check, found in result.discrepancies.items():
+        if not found:
+            print(f"  ok    {check}")
+            continue
+        more = "+" if len(found) > ledger.EXAMPLES else ""
+        print(f"  FAIL  {check}: {min(len(found), ledger.EXAMPLES)}{more} discrepancies")
+        for line in found[:ledger.EXAMPLES]:
+            print(f"        {line}")
+    if not result.holds:
+        raise AdminError("the ledger does not hold: see the discrepancies above", EXIT_DISCREPANCIES)
+    print("the ledger holds")
 
 
 def cmd_key_add(args, url: str) -> None:
@@ -1029,8 +1125,25 @@ def build_parser() -> argparse.ArgumentParser:
     key_off.add_argument("merchant_id", metavar="MERCHANT_ID")
     key_off.add_argument("key_id", metavar="KEY_ID")
 
-    balance = command(commands, "balance", cmd_balance, "show a merchant's unsettled balances")
-    balance.add_argument("merchant_id", metavar="MERCHANT_ID")
+    balance = commands.add_parser("balance", parents=[common], help="show or adjust a merchant's unsettled balances "
+                                  "(`balance MERCHANT_ID` shows them)")
+    balance_actions = balance.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(balance_actions, "show", cmd_balance, "show a merchant's unsettled balances").add_argument(
+        "merchant_id", metavar="MERCHANT_ID")
+    adjust = command(balance_actions, "adjust", cmd_balance_adjust,
+                     "credit (AMOUNT 12.50) or debit (AMOUNT -12.50) an unsettled balance, journaled with its reason")
+    adjust.add_argument("merchant_id", metavar="MERCHANT_ID")
+    adjust.add_argument("currency", metavar="CURRENCY")
+    adjust.add_argument("amount", metavar="AMOUNT")
+    adjust.add_argument("--reason", required=True, help="why, for the auditor (kept with the adjustment)")
+    adjust.add_argument("--id", help="your id for this adjustment (default: a new one); the same id again "
+                                     "changes nothing")
+
+    listing = command(commands, "settlements", cmd_settlements, "list the newest settlements (Settle)")
+    listing.add_argument("merchant_id", metavar="MERCHANT_ID", nargs="?")
+    listing.add_argument("--limit", type=int, default=100)
+    command(commands, "verify", cmd_verify, "recompute every balance from the journal and check orders, refunds, "
+                                            "settlements and audit rows against it; exit 4 on any discrepancy")
 
     gateway = commands.add_parser("gateway-key", parents=[common],
                                   help="the key refund-edge signs its responses with (X-Signature)")
@@ -1071,8 +1184,17 @@ def _database_error(exc: sa.exc.DBAPIError, url: str) -> AdminError:
     return AdminError(f"database unavailable: {where}: {reason}", EXIT_DATABASE)
 
 
+def _with_balance_show(argv: list[str]) -> list[str]:
+    """`balance MERCHANT_ID` is `balance show MERCHANT_ID`."""
+    if "balance" in argv:
+        at = argv.index("balance") + 1
+        if at < len(argv) and argv[at] not in ("show", "adjust") and not argv[at].startswith("-"):
+            return argv[:at] + ["show"] + argv[at:]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_with_balance_show(list(sys.argv[1:] if argv is None else argv)))
     url = config.database_url(getattr(args, "database_url", None))
     try:
         args.run(args, url)

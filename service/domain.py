@@ -87,9 +87,17 @@ MAX_DECIMALS = max(2, *_MINOR_UNITS_EXCEPTIONS.values())
 
 # Idempotency-Key (API.md section 7): 1 to 64 printable ASCII characters.
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
+# A settlement batch's id for Settle: 1 to 64 printable ASCII characters, no blank.
+SETTLEMENT_ID = re.compile(r"[\x21-\x7e]{1,64}\Z")
 
-# Amounts are stored as signed 64-bit integers of minor units.
-MAX_MINOR_UNITS = 2**63 - 1
+# Ids (orders, transactions) are signed 64-bit integers.
+MAX_ID = 2**63 - 1
+
+# The largest amount, and the largest balance, in minor units of any currency:
+# HKD 9,999,999,999,999.99, JPY 999,999,999,999,999. Well inside a signed
+# 64-bit integer, so that no sum of two bounded values can overflow in SQL.
+# Anything larger is INVALID_AMOUNT (1002), with nothing written.
+MAX_MINOR_UNITS = 10**15 - 1
 
 
 class DomainError(Exception):
@@ -125,14 +133,15 @@ def currencies_by_minor_units() -> dict[int, tuple[str, ...]]:
 
 
 def parse_decimal(amount: str | Decimal) -> Decimal:
-    """A positive finite decimal, from text such as "76.19" or a Decimal."""
+    """A positive finite decimal, from text in AMOUNT_TEXT's grammar ("76.19")
+    or a Decimal (a JSON number, already in JSON's own grammar)."""
     if isinstance(amount, Decimal):
         value = amount
     else:
-        text = amount.strip() if isinstance(amount, str) else None
-        if not text or len(text) > 64 or not _DECIMAL_TEXT.fullmatch(text):
-            raise InvalidAmount("amount must be a positive decimal number")
-        value = Decimal(text)
+        if not isinstance(amount, str) or len(amount) > 64 or not AMOUNT_TEXT.fullmatch(amount):
+            raise InvalidAmount('amount must be a decimal string such as "76.19" '
+                                "(digits, no sign, no exponent, no leading zeros)")
+        value = Decimal(amount)
     if not value.is_finite():
         raise InvalidAmount("amount must be finite")
     if value <= 0:
@@ -183,7 +192,7 @@ def _units(value: Decimal, digits: int, currency: str) -> int:
         if remainder:
             raise InvalidAmount(f"amount has more than {digits} decimals for {currency}")
     if units > MAX_MINOR_UNITS:
-        raise InvalidAmount("amount is too large")
+        raise InvalidAmount(f"amount is too large: at most {MAX_MINOR_UNITS} minor units")
     return units
 
 
@@ -197,9 +206,10 @@ def format_minor(units: int, currency: str) -> str:
 
 _MASKED_PAN = re.compile(r"[0-9]{0,6}[*X]{1,15}[0-9]{0,4}")
 _STAN = re.compile(r"[0-9]{6}")
-# Decimal text as JSON and ISO 4217 amounts write it: ASCII digits, no "_",
-# optional fraction and exponent. Decimal() alone would also take "1_000" or "١٢".
-_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# The one grammar of amount text (gRPC fields, load files): ASCII digits, an
+# optional fraction, nothing else: "76.19", "0.50", "500". No sign, exponent,
+# blank, leading zero, bare point or "_" ("+5", "1e1", " 5", "05", ".5", "5.").
+AMOUNT_TEXT = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?\Z")
 
 
 def check_masked_pan(masked_pan: str) -> str:
@@ -213,6 +223,12 @@ def check_stan(stan: str) -> str:
     if not _STAN.fullmatch(stan):
         raise InvalidRequest("stan must be 6 digits")
     return stan
+
+
+def check_settlement_id(settlement_id: str) -> str:
+    if not SETTLEMENT_ID.match(settlement_id):
+        raise InvalidRequest("settlement_id must be 1 to 64 printable ASCII characters without blanks")
+    return settlement_id
 
 
 def parse_merchant_id(merchant_id: str | int) -> int:
@@ -251,12 +267,18 @@ class Transaction:
 
 @dataclass(frozen=True)
 class RefundCommand:
-    """A refund asked for: merchant, one or both order identifiers, amount text."""
+    """A refund asked for: merchant, one or both order identifiers, and the
+    amount as text (gRPC) or as the Decimal of a signed request's JSON number."""
 
     merchant_id: int
     order_id: int | None
     merchant_reference: str | None
-    amount: str
+    amount: str | Decimal
+
+    @property
+    def amount_text(self) -> str:
+        """The amount as asked for, for the audit row (at most 64 characters)."""
+        return str(self.amount)[:64]
 
     def __post_init__(self):
         if self.order_id is None and not self.merchant_reference:
@@ -267,7 +289,7 @@ class RefundCommand:
 def check_order_key(order_id: int | None, merchant_reference: str | None) -> None:
     """Each order identifier that is given is in range (a positive 64-bit id, a
     reference of at most 128 characters)."""
-    if order_id is not None and not 0 < order_id <= MAX_MINOR_UNITS:
+    if order_id is not None and not 0 < order_id <= MAX_ID:
         raise InvalidRequest("orderId must be a positive integer")
     if merchant_reference is not None and len(merchant_reference) > 128:
         raise InvalidRequest("merchantReference is too long")

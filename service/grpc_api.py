@@ -26,6 +26,8 @@ from service.store import (
     InsufficientBalance,
     Sale,
     SaleConflict,
+    Settlement,
+    SettlementConflict,
     Store,
     StoreUnavailable,
     utc_now,
@@ -54,6 +56,9 @@ GRPC_CODES = {
     ResponseCode.SYSTEM_ERROR: grpc.StatusCode.INTERNAL,
 }
 
+# How often a signed refund re-reads credentials that changed under it before giving up (9001).
+MAX_CREDENTIAL_CHANGES = 3
+
 # Margin left to answer UNAVAILABLE before the caller's deadline expires.
 DEADLINE_MARGIN = 0.05
 
@@ -63,8 +68,13 @@ UNSTORED_ANSWERS = frozenset(code.value for code in (
     ResponseCode.AUTHENTICATION_FAILED))
 # How often a call waits-and-looks while another call holds its key.
 CLAIM_POLL_SECONDS = 0.02
-# A claim this old without an answer belongs to a call that died: it may be taken over.
-MIN_CLAIM_LEASE_SECONDS = 60.0
+# A claim this old without an answer belongs to a call that died or could not
+# release it: it may be taken over. A call holds its claim at most its deadline,
+# which is at most db_timeout (the lease is twice that, at least 2 s).
+MIN_CLAIM_LEASE_SECONDS = 2.0
+# Tries, and the first pause between them, to release a claim whose call decided nothing.
+RELEASE_TRIES = 5
+RELEASE_FIRST_PAUSE = 0.1
 
 
 class RpcError(Exception):
@@ -138,6 +148,14 @@ def transaction_message(txn: domain.Transaction) -> refund_pb2.Transaction:
         stan=txn.stan, create_time=_timestamp(txn.create_time))
 
 
+def settlement_message(settlement: Settlement) -> refund_pb2.Settlement:
+    return refund_pb2.Settlement(
+        settlement_id=settlement.settlement_id, merchant_id=str(settlement.merchant_id),
+        currency=settlement.currency, amount=domain.format_minor(settlement.amount, settlement.currency),
+        unsettled_balance=domain.format_minor(settlement.balance_after, settlement.currency),
+        create_time=_timestamp(settlement.created_at))
+
+
 def refund_answer(result: domain.RefundResult) -> refund_pb2.RefundResponse:
     """The response for an approved refund; raises RpcError for any other outcome."""
     order = order_message(result.order) if result.order else None
@@ -176,7 +194,7 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
     def __init__(self, store: Store, db_timeout: float = 5.0):
         self._store = store
         self._db_timeout = db_timeout
-        self._claim_lease = timedelta(seconds=max(MIN_CLAIM_LEASE_SECONDS, 4 * db_timeout))
+        self._claim_lease = timedelta(seconds=max(MIN_CLAIM_LEASE_SECONDS, 2 * db_timeout))
         self._background: set[asyncio.Task] = set()
         self._known = signing.KnownCredentials()
 
@@ -224,8 +242,8 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
                     return reply
             signed = await signing.authenticate(self._store, request.request, request.signature, known=self._known)
             if key:
-                return await self._idempotent(signed, key, lambda: self._signed_refund(signed))
-            return await self._signed_refund(signed)
+                return await self._idempotent(signed, key, lambda: self._signed_refund(signed, request.signature))
+            return await self._signed_refund(signed, request.signature)
 
         return await self._call(context, operation)
 
@@ -252,10 +270,21 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
         result = await self._store.refund(command, signed_with=key_id)
         return None if result is None else refund_answer(result)
 
-    async def _signed_refund(self, signed: signing.Authenticated) -> refund_pb2.RefundResponse:
+    async def _signed_refund(self, signed: signing.Authenticated, signature: str) -> refund_pb2.RefundResponse:
+        """Refund a verified request; the store re-checks, in the refund's own
+        transaction, that the key that verified it is still active and the
+        merchant ACTIVE. When not, authenticate afresh (2001 or 2002 then)."""
         signing.check_active(signed)
         await freshness.check(self._store, signed, utc_now)
-        return refund_answer(await self._store.refund(signing.command_from(signed.fields)))
+        command = signing.command_from(signed.fields)
+        timestamped = "timestamp" in signed.fields
+        for _ in range(MAX_CREDENTIAL_CHANGES):
+            result = await self._store.refund(command, signed_with=signed.key_id, timestamped=timestamped)
+            if result is not None:
+                return refund_answer(result)
+            signed = await signing.authenticate(self._store, signed.request, signature, known=self._known)
+            signing.check_active(signed)
+        raise StoreUnavailable("the merchant's keys kept changing; retry")
 
     async def _idempotent(self, signed: signing.Authenticated, key: str, execute) -> refund_pb2.RefundResponse:
         """Run `execute` at most once for (merchant, key): the first call claims the
@@ -297,11 +326,18 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
         may be cancelled by its deadline). If it fails, the claim goes stale
         after the lease and the next call with the key takes it over."""
         async def release():
-            try:
-                await self._store.finish_idempotency(merchant_id, key, claimed_at, None)
-            except Exception as exc:
-                log.warning("could not release an Idempotency-Key (it frees itself after %ss): %s",
-                            int(self._claim_lease.total_seconds()), type(exc).__name__)
+            pause = RELEASE_FIRST_PAUSE
+            for attempt in range(RELEASE_TRIES):
+                try:
+                    await self._store.finish_idempotency(merchant_id, key, claimed_at, None)
+                    return
+                except Exception as exc:
+                    if attempt + 1 == RELEASE_TRIES:
+                        log.warning("could not release an Idempotency-Key (it frees itself after %ss): %s",
+                                    int(self._claim_lease.total_seconds()), type(exc).__name__)
+                        return
+                await asyncio.sleep(pause)
+                pause *= 2
 
         task = asyncio.get_running_loop().create_task(release())
         self._background.add(task)
@@ -368,13 +404,17 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
 
     async def Settle(self, request, context):
         async def operation():
-            merchant_id = domain.parse_merchant_id(request.merchant_id)
-            amount = domain.to_minor(request.amount, request.currency)
+            asked = Settlement(domain.check_settlement_id(request.settlement_id),
+                               domain.parse_merchant_id(request.merchant_id), request.currency,
+                               domain.to_minor(request.amount, request.currency), 0, utc_now())
             try:
-                balance = await self._store.settle(merchant_id, request.currency, amount)
+                made, _ = await self._store.settle(asked)
             except InsufficientBalance as exc:
                 raise RpcError.of(ResponseCode.INSUFFICIENT_BALANCE, str(exc)) from None
-            return refund_pb2.SettleResponse(currency=request.currency,
-                                             unsettled_balance=domain.format_minor(balance, request.currency))
+            except SettlementConflict as exc:
+                raise RpcError.of(ResponseCode.IDEMPOTENCY_CONFLICT, str(exc)) from None
+            balance = domain.format_minor(made.balance_after, made.currency)
+            return refund_pb2.SettleResponse(currency=made.currency, unsettled_balance=balance,
+                                             settlement=settlement_message(made))
 
         return await self._call(context, operation)

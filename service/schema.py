@@ -6,11 +6,16 @@ per request: the stores run a few fixed statements over the raw driver.
 
 The database enforces what must never happen, whatever the code above it does:
 - one REFUND transaction per order (unique partial index `uq_one_refund_per_order`);
-- no negative balance (`ck_balance_not_negative`);
-- money as integer minor units (BIGINT), positive amounts.
+- no negative balance (`ck_balance_not_negative`), none above domain.MAX_MINOR_UNITS;
+- money as integer minor units (BIGINT; on SQLite, triggers refuse any value
+  that is not an integer, which SQLite would otherwise store as REAL or TEXT);
+- the journal is append-only (triggers refuse UPDATE and DELETE), with one
+  entry per transaction, settlement and adjustment (unique indexes).
 """
 
 import sqlalchemy as sa
+
+from service.domain import MAX_MINOR_UNITS
 
 metadata = sa.MetaData()
 
@@ -52,6 +57,7 @@ balances = sa.Table(
     sa.Column("currency", sa.String(3), primary_key=True),
     sa.Column("unsettled", sa.BigInteger, nullable=False),
     sa.CheckConstraint("unsettled >= 0", name="ck_balance_not_negative"),
+    sa.CheckConstraint(f"unsettled <= {MAX_MINOR_UNITS}", name="ck_balance_within_bound"),
 )
 
 orders = sa.Table(
@@ -147,3 +153,106 @@ gateway_keys = sa.Table(
     sa.Column("public_key_pem", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+# The ledger's journal: every change of an unsettled balance, written in the
+# same transaction as the change. A balance is the sum of its entries; each
+# entry's balance_after is the previous entry's plus its amount (in id order
+# per merchant and currency). Kinds and their causes:
+#   OPENING     a balance created by `refund-admin load` (or present when the journal began)
+#   SALE        +amount, RecordSale: order_id, transaction_id (the SALE)
+#   REFUND      -amount, an approved refund: order_id, transaction_id (the REFUND)
+#   SETTLEMENT  -amount, Settle: settlement_id
+#   ADJUSTMENT  +/-amount, `refund-admin balance adjust`: adjustment_id
+JOURNAL_KINDS = ("OPENING", "SALE", "REFUND", "SETTLEMENT", "ADJUSTMENT")
+
+ledger_entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("merchant_id", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("balance_after", sa.BigInteger, nullable=False),
+    sa.Column("order_id", sa.BigInteger, nullable=True),
+    sa.Column("transaction_id", sa.BigInteger, nullable=True),
+    sa.Column("settlement_id", sa.String(64), nullable=True),
+    sa.Column("adjustment_id", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("kind IN ('OPENING', 'SALE', 'REFUND', 'SETTLEMENT', 'ADJUSTMENT')", name="ck_entry_kind"),
+    sa.CheckConstraint("amount <> 0", name="ck_entry_amount_not_zero"),
+    sa.CheckConstraint(f"amount BETWEEN -{MAX_MINOR_UNITS} AND {MAX_MINOR_UNITS}", name="ck_entry_amount_bound"),
+    sa.CheckConstraint(f"balance_after BETWEEN 0 AND {MAX_MINOR_UNITS}", name="ck_entry_balance_bound"),
+    sa.Index("ix_ledger_entries_balance", "merchant_id", "currency", "id"),
+    sa.Index("uq_ledger_entries_transaction", "transaction_id", unique=True),
+    sa.Index("uq_ledger_entries_settlement", "settlement_id", unique=True),
+    sa.Index("uq_ledger_entries_adjustment", "adjustment_id", unique=True),
+)
+
+# Settlements paid out (Settle), by the settlement batch's own id: the same id
+# again returns this row and moves nothing.
+settlements = sa.Table(
+    "settlements",
+    metadata,
+    sa.Column("settlement_id", sa.String(64), primary_key=True),
+    sa.Column("merchant_id", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("balance_after", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_MINOR_UNITS}", name="ck_settlement_amount"),
+    sa.Index("ix_settlements_merchant", "merchant_id", "created_at"),
+)
+
+# Operators' balance adjustments (`refund-admin balance adjust`), with their reason.
+balance_adjustments = sa.Table(
+    "balance_adjustments",
+    metadata,
+    sa.Column("adjustment_id", sa.String(64), primary_key=True),
+    sa.Column("merchant_id", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("balance_after", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("amount <> 0", name="ck_adjustment_amount_not_zero"),
+)
+
+# Money columns SQLite must hold as integers (see sqlite_integer_guards).
+MONEY_COLUMNS = {
+    "balances": ("unsettled",),
+    "orders": ("amount",),
+    "transactions": ("amount",),
+    "ledger_entries": ("amount", "balance_after"),
+    "settlements": ("amount", "balance_after"),
+    "balance_adjustments": ("amount", "balance_after"),
+}
+
+
+def sqlite_integer_guards() -> list[str]:
+    """SQLite triggers that refuse a money value that is not an integer within
+    the bound: what STRICT tables and CHECKs would do, without rebuilding the
+    tables. Without them SQLite stores an overflowing sum as REAL."""
+    statements = []
+    for table, columns in MONEY_COLUMNS.items():
+        bad = " OR ".join(f"typeof(NEW.{c}) != 'integer' OR abs(NEW.{c}) > {MAX_MINOR_UNITS}" for c in columns)
+        for event in ("INSERT", f"UPDATE OF {', '.join(columns)}"):
+            name = f"tg_{table}_integer_money_{event.split()[0].lower()}"
+            statements.append(f"CREATE TRIGGER {name} BEFORE {event} ON {table} WHEN {bad} "
+                              f"BEGIN SELECT RAISE(ABORT, 'money must be an integer of at most "
+                              f"{MAX_MINOR_UNITS} minor units'); END")
+    return statements
+
+
+# The journal is append-only: these refuse any UPDATE or DELETE of an entry.
+SQLITE_APPEND_ONLY = [
+    f"CREATE TRIGGER tg_ledger_entries_no_{event.lower()} BEFORE {event} ON ledger_entries "
+    "BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END"
+    for event in ("UPDATE", "DELETE")
+]
+POSTGRES_APPEND_ONLY = [
+    """CREATE FUNCTION ledger_entries_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN RAISE EXCEPTION 'ledger entries are append-only'; END $$""",
+    """CREATE TRIGGER tg_ledger_entries_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON ledger_entries
+       FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_append_only()""",
+]

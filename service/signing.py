@@ -147,7 +147,7 @@ def command_from(fields: dict) -> domain.RefundCommand:
     if not isinstance(amount, Decimal):
         raise domain.InvalidRequest("amount must be a JSON number")
     domain.parse_decimal(amount)  # INVALID_AMOUNT for zero, negative, not finite
-    return domain.RefundCommand(domain.parse_merchant_id(fields["merchantId"]), order_id, reference, str(amount))
+    return domain.RefundCommand(domain.parse_merchant_id(fields["merchantId"]), order_id, reference, amount)
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ class Authenticated:
     fields: dict
     merchant_id: int
     credentials: MerchantCredentials
+    key_id: str | None = None  # the key that verified it (None for a key read without its id)
 
 
 class KnownCredentials:
@@ -193,9 +194,11 @@ async def authenticate(store, request: bytes, signature: str, *,
     credentials = await store.merchant_credentials(merchant_id)
     if known is not None:
         known.remember(merchant_id, credentials)
-    if credentials is None or not verify(request, signature, credentials.public_keys_pem):
+    index = None if credentials is None else _verifying_key(request, signature, credentials.public_keys_pem)
+    if index is None:
         raise AuthenticationFailed("authentication failed")
-    return Authenticated(request, fields, merchant_id, credentials)
+    key_id = credentials.key_ids[index] if index < len(credentials.key_ids) else None
+    return Authenticated(request, fields, merchant_id, credentials, key_id)
 
 
 def check_active(signed: Authenticated) -> None:

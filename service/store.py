@@ -29,6 +29,13 @@ class InsufficientBalance(Exception):
     """A settlement larger than the unsettled balance."""
 
 
+class SettlementConflict(Exception):
+    """A settlement id already used for another merchant, currency or amount."""
+
+
+BALANCE_TOO_LARGE = f"the unsettled balance would exceed its maximum of {domain.MAX_MINOR_UNITS} minor units"
+
+
 @dataclass(frozen=True)
 class Sale:
     order_id: int
@@ -40,6 +47,30 @@ class Sale:
     masked_pan: str
     stan: str
     create_time: datetime
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A settlement paid out of a merchant's unsettled balance, by the caller's
+    id; balance_after is the balance it left (0 until it is made)."""
+
+    settlement_id: str
+    merchant_id: int
+    currency: str
+    amount: int
+    balance_after: int
+    created_at: datetime
+
+
+SETTLEMENT_COLUMNS = "settlement_id, merchant_id, currency, amount, balance_after, created_at"
+
+
+def same_settlement(stored: Settlement, asked: Settlement) -> Settlement:
+    """The stored settlement, when `asked` is the same one again; SettlementConflict if not."""
+    if (stored.merchant_id, stored.currency, stored.amount) != (asked.merchant_id, asked.currency, asked.amount):
+        raise SettlementConflict(f"settlement id {asked.settlement_id!r} was used for another merchant, "
+                                 "currency or amount")
+    return stored
 
 
 @dataclass(frozen=True)
@@ -81,17 +112,18 @@ def judge_claim(row_hash: str, response: bytes | None, created_at: datetime, req
 
 
 class Store(Protocol):
-    async def refund(self, command: domain.RefundCommand, *,
-                     signed_with: str | None = None) -> domain.RefundResult | None:
+    async def refund(self, command: domain.RefundCommand, *, signed_with: str | None = None,
+                     timestamped: bool = False) -> domain.RefundResult | None:
         """Decide and apply one refund attempt (API.md section 3).
 
         `signed_with`: the key_id that verified a signed request, from
-        credentials read earlier (signing.KnownCredentials). The store then
-        refunds only while that key is active and its merchant ACTIVE and not
-        requiring a timestamp, checked in the refund's own transaction or
-        statement, and may return None (nothing written) for anything it does
-        not answer that way; the caller then authenticates afresh and asks
-        again without `signed_with`. Without it the answer is never None."""
+        credentials read earlier. The store then refunds only while that key
+        is active and its merchant ACTIVE and, unless the request is
+        `timestamped`, not requiring a timestamp: checked in the refund's own
+        transaction or statement, so a key deactivated or a merchant suspended
+        before the refund commits is refused. For anything it does not answer
+        that way it may return None (nothing written); the caller then
+        authenticates afresh. Without `signed_with` the answer is never None."""
 
     async def get_order(
         self, merchant_id: int, order_id: int | None, merchant_reference: str | None
@@ -99,7 +131,11 @@ class Store(Protocol):
 
     async def record_sale(self, sale: Sale) -> tuple[domain.Order, domain.Transaction, int]: ...
 
-    async def settle(self, merchant_id: int, currency: str, amount: int) -> int: ...
+    async def settle(self, settlement: Settlement) -> tuple[Settlement, bool]:
+        """Pay a settlement out of the unsettled balance, with its journal entry,
+        once per settlement id: (the settlement as made, True); for an id
+        already used, (the stored settlement, False) and nothing moves.
+        InsufficientBalance (nothing written) or SettlementConflict."""
 
     async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None: ...
 

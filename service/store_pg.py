@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
 from service import domain
 from service.store import (
+    BALANCE_TOO_LARGE,
     ORDER_COLUMNS,
+    SETTLEMENT_COLUMNS,
     TRANSACTION_COLUMNS,
     Claim,
     ClaimState,
@@ -40,9 +42,11 @@ from service.store import (
     MerchantCredentials,
     Sale,
     SaleConflict,
+    Settlement,
     StoreUnavailable,
     judge_claim,
     same_sale,
+    same_settlement,
     utc_now,
 )
 
@@ -63,17 +67,44 @@ NOT_READ = object()
 
 BALANCE = "SELECT unsettled FROM balances WHERE merchant_id = $1 AND currency = $2"
 
+# Money moved by a sale or a settlement, and its journal entry (same transaction).
+CREDIT_SALE = """
+INSERT INTO balances (merchant_id, currency, unsettled) VALUES ($1, $2, $3)
+ON CONFLICT (merchant_id, currency) DO UPDATE SET unsettled = balances.unsettled + EXCLUDED.unsettled
+RETURNING unsettled"""
+DEBIT_SETTLEMENT = """
+UPDATE balances SET unsettled = unsettled - $3
+WHERE merchant_id = $1 AND currency = $2 AND unsettled >= $3 RETURNING unsettled"""
+JOURNAL = """
+INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id,
+                            settlement_id, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"""
+READ_SETTLEMENT = f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE settlement_id = $1"
+INSERT_SETTLEMENT = f"INSERT INTO settlements ({SETTLEMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+
+
+
+def credentials_hold(key: str, timestamped: str) -> str:
+    """SQL: the key `key` (a parameter) of merchant $1 is active, the merchant
+    ACTIVE and, unless `timestamped`, not requiring a timestamp."""
+    return f"""EXISTS (
+        SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
+        WHERE m.id = $1 AND m.status = 'ACTIVE' AND (NOT m.require_timestamp OR {timestamped}::boolean)
+          AND k.key_id = {key}::text AND k.active)"""
+
+
 # $1 merchant, $2 order, $3 currency, $4 amount, $5 new status, $6 now,
-# $7 requested reference, $8 requested amount text, $9 status the decision read
+# $7 requested reference, $8 requested amount text, $9 status the decision read,
+# $10 key id of a signed request (NULL: unsigned), $11 whether it is timestamped
 _APPLY_REFUND = """
 WITH marked AS (
     UPDATE orders SET status = $5, update_time = $6
-    WHERE id = $2 AND merchant_id = $1 AND status = $9
+    WHERE id = $2 AND merchant_id = $1 AND status = $9 AND ($10::text IS NULL OR {credentials_hold})
     RETURNING id
 ), debit AS (
     UPDATE balances SET unsettled = unsettled - $4
     WHERE merchant_id = $1 AND currency = $3 AND unsettled >= $4 AND EXISTS (SELECT 1 FROM marked)
-    RETURNING 1
+    RETURNING unsettled
 ), new_id AS (
     SELECT nextval({sequence}) AS id FROM marked
 ), refund AS (
@@ -84,16 +115,20 @@ WITH marked AS (
            COALESCE((SELECT masked_pan FROM transactions WHERE order_id = $2 AND type = 'SALE' LIMIT 1), ''),
            lpad((new_id.id % 1000000)::text, 6, '0'), $6
     FROM new_id
-    RETURNING id, masked_pan, stan
+    RETURNING id, masked_pan, stan, amount
 ), audit AS (
     INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
     SELECT $1, $2, $7, $8, '0000', refund.id, $6 FROM refund
+), entry AS (
+    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at)
+    SELECT $1, $3, 'REFUND', -refund.amount, debit.unsettled, $2, refund.id, $6 FROM refund, debit
 )
 SELECT id, masked_pan, stan FROM refund"""
 # The transactions' id sequence, looked up per statement; a store resolves it
 # once (sequence_constant) and runs the statements with the regclass constant.
 SEQUENCE_LOOKUP = "pg_get_serial_sequence('transactions', 'id')"
-APPLY_REFUND = _APPLY_REFUND.format(sequence=SEQUENCE_LOOKUP)
+APPLY_REFUND = _APPLY_REFUND.format(sequence=SEQUENCE_LOOKUP,
+                                    credentials_hold=credentials_hold(key="$10", timestamped="$11"))
 
 
 def sequence_constant(sequence: str | None) -> str:
@@ -116,12 +151,10 @@ def sequence_constant(sequence: str | None) -> str:
 # more statement (its audit row), as on the full path.
 # $1 merchant, $2 order id (NULL: by reference), $3 requested reference,
 # $4 the amount in minor units for 0, 1, 2, ... decimals, $5 now,
-# $6 requested amount text, $7 key id or NULL
+# $6 requested amount text, $7 key id or NULL, $8 whether the request is timestamped
 _REFUND_AT_ONCE = """
 WITH credentials AS (
-    SELECT $7::text IS NULL OR EXISTS (
-        SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
-        WHERE m.id = $1 AND m.status = 'ACTIVE' AND NOT m.require_timestamp AND k.key_id = $7 AND k.active) AS hold
+    SELECT $7::text IS NULL OR {credentials_hold} AS hold
 ), target AS (
     SELECT o.id, o.amount, o.currency, o.status, pm.refund_capability,
            ($4::bigint[])[({decimals}) + 1] AS units
@@ -147,7 +180,7 @@ WITH credentials AS (
     UPDATE balances b SET unsettled = b.unsettled - m.units
     FROM marked m
     WHERE b.merchant_id = $1 AND b.currency = m.currency AND b.unsettled >= m.units
-    RETURNING 1
+    RETURNING b.unsettled
 ), new_id AS (
     SELECT nextval({sequence}) AS id FROM marked
 ), refund AS (
@@ -158,10 +191,14 @@ WITH credentials AS (
            COALESCE((SELECT s.masked_pan FROM transactions s WHERE s.order_id = m.id AND s.type = 'SALE' LIMIT 1), ''),
            lpad((new_id.id % 1000000)::text, 6, '0'), $5
     FROM marked m, new_id
-    RETURNING id, order_id, masked_pan, stan
+    RETURNING id, order_id, masked_pan, stan, currency, amount
 ), audit AS (
     INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
     SELECT $1, refund.order_id, $3, $6, '0000', refund.id, $5 FROM refund
+), entry AS (
+    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at)
+    SELECT $1, refund.currency, 'REFUND', -refund.amount, debit.unsettled, refund.order_id, refund.id, $5
+    FROM refund, debit
 )
 SELECT credentials.hold, snapshot.*, applied.*
 FROM credentials
@@ -182,13 +219,15 @@ def _decimals_of_currency() -> str:
 def refund_at_once(sequence: str) -> tuple[str, str]:
     """_REFUND_AT_ONCE (by order id, by merchant reference) naming the sequence with `sequence`."""
     return tuple(_REFUND_AT_ONCE.format(decimals=_decimals_of_currency(), order=order, order_columns=ORDER_COLUMNS,
-                                        sequence=sequence, snapshot=snapshot)
+                                        sequence=sequence, snapshot=snapshot,
+                                        credentials_hold=credentials_hold(key="$7", timestamped="$8"))
                  for order, snapshot in ((_BY_ID, SNAPSHOT_BY_ID),
                                          (_BY_REFERENCE, _SNAPSHOT + "o.merchant_reference = $3")))
 
 
 # What _refund_at_once found when the credentials no longer hold.
 CREDENTIALS_CHANGED = object()
+CREDENTIALS_STILL_HOLD = "SELECT " + credentials_hold(key="$2", timestamped="$3")
 
 
 # Attempts to decide one refund when the state keeps moving between read and write.
@@ -217,14 +256,21 @@ REMEMBER_REQUEST = """
 INSERT INTO request_replays (request_hash, merchant_id, expires_at) VALUES ($1, $2, $3)
 ON CONFLICT DO NOTHING RETURNING 1"""
 
+# Every way a connection can be lost, refused or given up on: the outcome of
+# the statement in flight is unknown or nothing was done, and a retry is safe
+# (UNAVAILABLE, 9001). InternalClientError is what asyncpg raises for a
+# connection that broke under an operation (e.g. its backend terminated);
+# TransactionRollbackError (serialization failure, deadlock) rolled back.
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
 )
 
 
@@ -292,8 +338,8 @@ class PostgresStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
-    async def refund(self, command: domain.RefundCommand, *,
-                     signed_with: str | None = None) -> domain.RefundResult | None:
+    async def refund(self, command: domain.RefundCommand, *, signed_with: str | None = None,
+                     timestamped: bool = False) -> domain.RefundResult | None:
         """Decide and apply one refund attempt: the one statement of the common
         case (_REFUND_AT_ONCE); when it does not apply, decide on what it read.
         `signed_with`: the key_id that verified a signed request, from
@@ -303,35 +349,41 @@ class PostgresStore:
         authenticates afresh."""
         async with self._connection() as conn:
             statements = self._statements or await self._resolve_statements(conn)
-            found = await self._refund_at_once(conn, statements, command, signed_with)
+            found = await self._refund_at_once(conn, statements, command, signed_with, timestamped)
             if isinstance(found, domain.RefundResult):
                 return found
             if found is CREDENTIALS_CHANGED or (found is NOT_READ and signed_with is not None):
                 return None
             if found is NOT_READ:
                 found = await self._snapshot(conn, command)
-            return await self._decide_and_apply(conn, statements, command, found)
+            return await self._decide_and_apply(conn, statements, command, found, signed_with, timestamped)
 
     async def _decide_and_apply(self, conn, statements: "_RefundStatements", command: domain.RefundCommand,
-                                snapshot: domain.OrderSnapshot | None) -> domain.RefundResult:
+                                snapshot: domain.OrderSnapshot | None, signed_with: str | None,
+                                timestamped: bool) -> domain.RefundResult | None:
         """Decide on `snapshot`: a decline inserts its audit row; an approval runs
-        APPLY_REFUND, which re-checks the read; when the state moved since
-        (it changes nothing), read and decide again."""
+        APPLY_REFUND, which re-checks the read (and a signed request's
+        credentials); when the state moved since (it changes nothing), read
+        and decide again. None when the credentials no longer hold."""
         for _ in range(MAX_DECISIONS):
             decision = domain.decide(command, snapshot)
             now = utc_now()
             if not decision.approved:
                 order_id = snapshot.order.id if snapshot else command.order_id
                 await conn.execute(AUDIT, command.merchant_id, order_id, command.merchant_reference,
-                                   command.amount[:64], decision.code.value, None, now)
+                                   command.amount_text, decision.code.value, None, now)
                 return domain.result_of(decision, snapshot)
             order = snapshot.order
             try:
                 applied = await conn.fetchrow(
                     statements.apply, command.merchant_id, order.id, order.currency, decision.amount,
-                    decision.new_status, now, command.merchant_reference, command.amount[:64], order.status)
+                    decision.new_status, now, command.merchant_reference, command.amount_text, order.status,
+                    signed_with, timestamped)
             except asyncpg.NotNullViolationError:
                 applied = None  # the balance fell below the amount since the read
+            if applied is None and signed_with is not None and not await conn.fetchval(
+                    CREDENTIALS_STILL_HOLD, command.merchant_id, signed_with, timestamped):
+                return None
             if applied is not None:
                 refund = domain.Transaction(applied["id"], order.merchant_id, order.id, "REFUND", order.currency,
                                             decision.amount, "SUCCESS", applied["masked_pan"], applied["stan"], now)
@@ -341,12 +393,13 @@ class PostgresStore:
 
     async def _resolve_statements(self, conn) -> "_RefundStatements":
         sequence = sequence_constant(await conn.fetchval(f"SELECT {SEQUENCE_LOOKUP}"))
-        self._statements = _RefundStatements(_APPLY_REFUND.format(sequence=sequence), *refund_at_once(sequence))
+        apply = _APPLY_REFUND.format(sequence=sequence, credentials_hold=credentials_hold(key="$10", timestamped="$11"))
+        self._statements = _RefundStatements(apply, *refund_at_once(sequence))
         return self._statements
 
     @staticmethod
     async def _refund_at_once(conn, statements: "_RefundStatements", command: domain.RefundCommand,
-                              signed_with: str | None):
+                              signed_with: str | None, timestamped: bool):
         """_REFUND_AT_ONCE: the RefundResult when it applied; else the order's snapshot as it
         read it (None: no such order) to decide on, CREDENTIALS_CHANGED, or NOT_READ when it
         failed because the balance fell during the statement."""
@@ -354,8 +407,8 @@ class PostgresStore:
         statement = statements.at_once_by_id if command.order_id is not None else statements.at_once_by_reference
         try:
             row = await conn.fetchrow(statement, command.merchant_id, command.order_id, command.merchant_reference,
-                                      domain.minor_units_by_decimals(command.amount), now, command.amount[:64],
-                                      signed_with)
+                                      domain.minor_units_by_decimals(command.amount), now, command.amount_text,
+                                      signed_with, timestamped)
         except asyncpg.NotNullViolationError:
             return NOT_READ  # the balance fell below the amount during the statement
         values = tuple(row)
@@ -398,6 +451,8 @@ class PostgresStore:
             return await self._record_sale(sale)
         except asyncpg.ForeignKeyViolationError:
             raise domain.InvalidRequest("unknown merchant or payment method") from None
+        except asyncpg.CheckViolationError:  # ck_balance_within_bound: the credit would pass the maximum
+            raise domain.InvalidAmount(BALANCE_TOO_LARGE) from None
 
     async def _record_sale(self, sale: Sale):
         now = utc_now()
@@ -424,22 +479,37 @@ class PostgresStore:
                 f"""INSERT INTO transactions AS t (order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
                     VALUES ($1, $2, 'SALE', $3, $4, 'SUCCESS', $5, $6, $7) RETURNING {TRANSACTION_COLUMNS}""",
                 sale.order_id, sale.merchant_id, sale.currency, sale.amount, sale.masked_pan, sale.stan, now)
-            balance = await conn.fetchval(
-                """INSERT INTO balances (merchant_id, currency, unsettled) VALUES ($1, $2, $3)
-                   ON CONFLICT (merchant_id, currency) DO UPDATE SET unsettled = balances.unsettled + EXCLUDED.unsettled
-                   RETURNING unsettled""",
-                sale.merchant_id, sale.currency, sale.amount)
+            balance = await conn.fetchval(CREDIT_SALE, sale.merchant_id, sale.currency, sale.amount)
+            if balance > domain.MAX_MINOR_UNITS:  # leaving the block rolls the sale back
+                raise domain.InvalidAmount(BALANCE_TOO_LARGE)
+            await conn.execute(JOURNAL, sale.merchant_id, sale.currency, "SALE", sale.amount, balance, sale.order_id,
+                               txn["id"], None, now)
             return _order(inserted), _transaction(txn), balance
 
-    async def settle(self, merchant_id: int, currency: str, amount: int) -> int:
+    async def settle(self, settlement: Settlement) -> tuple[Settlement, bool]:
+        """Debit the balance and record the settlement and its journal entry, in
+        one transaction; or, when its id is taken, the stored settlement
+        (SettlementConflict if it differs). The second value: whether this call
+        made it. A concurrent call with the same id waits on the balance row,
+        then finds the id taken and rolls its debit back."""
         async with self._connection() as conn:
-            balance = await conn.fetchval(
-                """UPDATE balances SET unsettled = unsettled - $3
-                   WHERE merchant_id = $1 AND currency = $2 AND unsettled >= $3 RETURNING unsettled""",
-                merchant_id, currency, amount)
-        if balance is None:
-            raise InsufficientBalance("the unsettled balance is lower than the amount")
-        return balance
+            stored = await conn.fetchrow(READ_SETTLEMENT, settlement.settlement_id)
+            if stored is not None:
+                return same_settlement(Settlement(*stored), settlement), False
+            try:
+                async with conn.transaction():
+                    balance = await conn.fetchval(DEBIT_SETTLEMENT, settlement.merchant_id, settlement.currency,
+                                                  settlement.amount)
+                    if balance is None:
+                        raise InsufficientBalance("the unsettled balance is lower than the amount")
+                    made = replace(settlement, balance_after=balance)
+                    await conn.execute(INSERT_SETTLEMENT, *astuple(made))
+                    await conn.execute(JOURNAL, made.merchant_id, made.currency, "SETTLEMENT", -made.amount, balance,
+                                       None, None, made.settlement_id, made.created_at)
+                    return made, True
+            except asyncpg.UniqueViolationError:  # the same id, made by a call that committed first
+                stored = await conn.fetchrow(READ_SETTLEMENT, settlement.settlement_id)
+                return same_settlement(Settlement(*stored), settlement), False
 
     async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None:
         async with self._connection() as conn:

@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, replace
 from datetime import datetime, timezone
 
 from sqlalchemy.engine import make_url
 
 from service import domain
 from service.store import (
+    BALANCE_TOO_LARGE,
     ORDER_COLUMNS,
+    SETTLEMENT_COLUMNS,
     TRANSACTION_COLUMNS,
     Claim,
     ClaimState,
@@ -28,9 +31,11 @@ from service.store import (
     MerchantCredentials,
     Sale,
     SaleConflict,
+    Settlement,
     StoreUnavailable,
     judge_claim,
     same_sale,
+    same_settlement,
     stan_for,
     utc_now,
 )
@@ -44,10 +49,20 @@ LEFT JOIN balances b ON b.merchant_id = o.merchant_id AND b.currency = o.currenc
 WHERE o.merchant_id = ? AND """
 
 # The credentials a signed request was verified with still hold: its key is
-# active, its merchant ACTIVE and not requiring a timestamp.
+# active, its merchant ACTIVE and, unless the request is timestamped, not
+# requiring a timestamp.
 CREDENTIALS_HOLD = """
 SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
-WHERE m.id = ? AND m.status = 'ACTIVE' AND NOT m.require_timestamp AND k.key_id = ? AND k.active"""
+WHERE m.id = ? AND m.status = 'ACTIVE' AND (NOT m.require_timestamp OR ?) AND k.key_id = ? AND k.active"""
+
+DEBIT = """
+UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?
+RETURNING unsettled"""
+
+JOURNAL = """
+INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id,
+                            settlement_id, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
@@ -124,21 +139,21 @@ class SqliteStore:
 
     # -- refund --------------------------------------------------------------
 
-    async def refund(self, command: domain.RefundCommand, *,
-                     signed_with: str | None = None) -> domain.RefundResult | None:
+    async def refund(self, command: domain.RefundCommand, *, signed_with: str | None = None,
+                     timestamped: bool = False) -> domain.RefundResult | None:
         """Decide and apply one refund attempt. With `signed_with` (the key_id
-        that verified the request, from credentials read earlier): only while
-        that key is active and its merchant ACTIVE and not requiring timestamps,
+        that verified the request): only while that key is active and its
+        merchant ACTIVE (and not requiring timestamps unless `timestamped`),
         checked in the refund's own transaction; None (nothing written) if not."""
-        return await self._run(self._refund, command, signed_with)
+        return await self._run(self._refund, command, signed_with, timestamped)
 
     @staticmethod
     def _refund(connection: sqlite3.Connection, command: domain.RefundCommand,
-                signed_with: str | None = None) -> domain.RefundResult | None:
+                signed_with: str | None = None, timestamped: bool = False) -> domain.RefundResult | None:
         now = utc_now()
         with _WriteTransaction(connection) as db:
             if signed_with is not None and db.execute(
-                    CREDENTIALS_HOLD, (command.merchant_id, signed_with)).fetchone() is None:
+                    CREDENTIALS_HOLD, (command.merchant_id, timestamped, signed_with)).fetchone() is None:
                 return None
             if command.order_id is not None:
                 row = db.execute(SNAPSHOT + "o.id = ?", (command.merchant_id, command.order_id)).fetchone()
@@ -157,14 +172,12 @@ class SqliteStore:
             decision = domain.decide(command, snapshot)
             order_id = snapshot.order.id if snapshot else command.order_id
             if not decision.approved:
-                db.execute(AUDIT, (command.merchant_id, order_id, command.merchant_reference, command.amount[:64],
+                db.execute(AUDIT, (command.merchant_id, order_id, command.merchant_reference, command.amount_text,
                                    decision.code.value, None, to_text(now)))
                 return domain.result_of(decision, snapshot)
             order = snapshot.order
-            debited = db.execute(
-                "UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?",
-                (decision.amount, order.merchant_id, order.currency, decision.amount)).rowcount
-            if debited != 1:  # cannot happen while we hold the write lock; never commit half a refund
+            debited = db.execute(DEBIT, (decision.amount, order.merchant_id, order.currency, decision.amount)).fetchone()
+            if debited is None:  # cannot happen while we hold the write lock; never commit half a refund
                 raise RuntimeError("balance changed under the write lock")
             marked = db.execute(
                 "UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND status IN ('SUCCESS', 'SETTLED')",
@@ -181,8 +194,10 @@ class SqliteStore:
                 "INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan,"
                 " create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*_transaction_values(refund),))
-            db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount[:64],
+            db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount_text,
                                decision.code.value, refund_id, to_text(now)))
+            db.execute(JOURNAL, (order.merchant_id, order.currency, "REFUND", -decision.amount, debited[0], order.id,
+                                 refund_id, None, to_text(now)))
             return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
 
     # -- reads ---------------------------------------------------------------
@@ -299,29 +314,41 @@ class SqliteStore:
                                      "SUCCESS", sale.masked_pan, sale.stan, now)
             db.execute("INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan,"
                        " stan, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(txn))
+            before = db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
+                                (sale.merchant_id, sale.currency)).fetchone()
+            balance = (before[0] if before else 0) + sale.amount
+            if balance > domain.MAX_MINOR_UNITS:  # leaving the block rolls the sale back
+                raise domain.InvalidAmount(BALANCE_TOO_LARGE)
             db.execute(
                 "INSERT INTO balances (merchant_id, currency, unsettled) VALUES (?, ?, ?) ON CONFLICT (merchant_id, "
                 "currency) DO UPDATE SET unsettled = unsettled + excluded.unsettled",
                 (sale.merchant_id, sale.currency, sale.amount))
-            balance = db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
-                                 (sale.merchant_id, sale.currency)).fetchone()[0]
+            db.execute(JOURNAL, (sale.merchant_id, sale.currency, "SALE", sale.amount, balance, sale.order_id, txn_id,
+                                 None, to_text(now)))
             order = domain.Order(sale.order_id, sale.merchant_id, sale.merchant_reference, sale.currency, sale.amount,
                                  "SUCCESS", sale.payment_method, from_text(created), from_text(created))
             return order, txn, balance
 
-    async def settle(self, merchant_id: int, currency: str, amount: int) -> int:
-        return await self._run(self._settle, merchant_id, currency, amount)
+    async def settle(self, settlement: Settlement) -> tuple[Settlement, bool]:
+        return await self._run(self._settle, settlement)
 
     @staticmethod
-    def _settle(connection, merchant_id, currency, amount):
+    def _settle(connection, settlement: Settlement) -> tuple[Settlement, bool]:
         with _WriteTransaction(connection) as db:
-            debited = db.execute(
-                "UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?",
-                (amount, merchant_id, currency, amount)).rowcount
-            if debited != 1:
+            stored = db.execute(f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE settlement_id = ?",
+                                (settlement.settlement_id,)).fetchone()
+            if stored is not None:
+                return same_settlement(Settlement(*stored[:5], from_text(stored[5])), settlement), False
+            debited = db.execute(DEBIT, (settlement.amount, settlement.merchant_id, settlement.currency,
+                                         settlement.amount)).fetchone()
+            if debited is None:
                 raise InsufficientBalance("the unsettled balance is lower than the amount")
-            return db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
-                              (merchant_id, currency)).fetchone()[0]
+            made = replace(settlement, balance_after=debited[0])
+            db.execute(f"INSERT INTO settlements ({SETTLEMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       (*astuple(made)[:5], to_text(made.created_at)))
+            db.execute(JOURNAL, (made.merchant_id, made.currency, "SETTLEMENT", -made.amount, made.balance_after,
+                                 None, None, made.settlement_id, to_text(made.created_at)))
+            return made, True
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

@@ -194,16 +194,25 @@ def test_loading_the_same_file_twice_changes_nothing(database_url, capsys):
     assert "orders: 4 unchanged" in out and "balances: 2 unchanged" in out
 
 
-def test_reload_sets_balances_and_merchants_to_the_file(database_url, tmp_path):
+def test_reload_never_overwrites_a_live_balance_or_a_merchant_status(database_url, capsys):
+    """Was a finding (issue 10): reloading the onboarding file set balances back
+    to the file's (refunds already paid forgotten) and reactivated a suspended
+    merchant. Now load creates what is missing and reports what it left alone."""
     assert admin(database_url, "load", str(FIXTURES)) == 0
-    execute(database_url,
-            schema.balances.update().values(unsettled=1),
-            schema.merchants.update().values(status="SUSPENDED", name="Renamed"))
+    assert admin(database_url, "balance", "adjust", "3000001", "HKD", "-5.00", "--reason", "refund paid") == 0
+    assert admin(database_url, "merchant", "suspend", "3000001") == 0
+    execute(database_url, schema.merchants.update().values(name="Renamed"))
+    capsys.readouterr()
 
     assert admin(database_url, "load", str(FIXTURES)) == 0
 
-    assert query(database_url, sa.select(schema.balances.c.unsettled).order_by("currency")) == [(100000,), (50000,)]
-    assert query(database_url, sa.select(*MERCHANT_ROW)) == [(3000001, "Example Shop Ltd", "ACTIVE")]
+    assert query(database_url, sa.select(schema.balances.c.unsettled).order_by("currency")) == [(99500,), (50000,)]
+    assert query(database_url, sa.select(*MERCHANT_ROW)) == [(3000001, "Example Shop Ltd", "SUSPENDED")]
+    out = capsys.readouterr().out
+    assert "balance HKD of merchant 3000001 left at 995.00 (the file says 1000.00" in out
+    assert "merchant 3000001 left SUSPENDED (the file says ACTIVE" in out
+    assert "balances: 1 unchanged, 1 kept" in out
+    assert admin(database_url, "verify") == 0
 
 
 def test_reload_keeps_a_refund_made_since_and_adds_no_second_sale(database_url, capsys):

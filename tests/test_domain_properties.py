@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pathlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,7 +41,9 @@ from service.domain import (
 
 DIGITS = {"HKD": 2, "JPY": 0, "BHD": 3}
 CURRENCIES = sorted(DIGITS)
-MAX_UNITS = 2**63 - 1
+MAX_UNITS = 10**15 - 1  # the documented maximum of any amount or balance, in minor units
+# The documented grammar of amount text, written out independently of domain.AMOUNT_TEXT.
+AMOUNT_GRAMMAR = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?")
 MERCHANT = 3000001
 OTHER_MERCHANT = 3000002
 STATUSES = ["OPEN", "SUCCESS", "SETTLED", "VOIDED", "CLOSED", "REFUNDED", "PARTIALLY_REFUNDED"]
@@ -70,9 +74,9 @@ def acceptable_units(amount: Decimal, currency: str, as_text: bool) -> int | Non
     rules refuse (or too long to read: over 64 characters of text, over 40 digits)."""
     if not amount.is_finite() or amount <= 0 or len(amount.as_tuple().digits) > 40:
         return None
-    if as_text and len(str(amount)) > 64:
+    if as_text and (len(str(amount)) > 64 or not AMOUNT_GRAMMAR.fullmatch(str(amount))):
         return None
-    if amount.adjusted() > 25:  # beyond 2**63 - 1 whatever the currency
+    if amount.adjusted() > 25:  # beyond the maximum whatever the currency
         return None
     exact = Fraction(amount) * 10 ** DIGITS[currency]
     if exact.denominator != 1 or exact > MAX_UNITS:
@@ -201,6 +205,8 @@ class FakeStore:
 
 def expected_units(text: str, currency: str) -> int | None:
     """An independent reading of an amount: exact minor units, or None if invalid."""
+    if not AMOUNT_GRAMMAR.fullmatch(text):
+        return None
     try:
         value = Decimal(text)
     except InvalidOperation:

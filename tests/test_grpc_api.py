@@ -212,11 +212,17 @@ def test_bad_sales_are_refused_and_write_nothing(service, overrides, reason):
     assert balance(service.url) == 100000
 
 
+def settle(service, amount, settlement_id, merchant=MERCHANT, currency="HKD"):
+    return service.stub.Settle(refund_pb2.SettleRequest(merchant_id=str(merchant), currency=currency, amount=amount,
+                                                        settlement_id=settlement_id), timeout=10)
+
+
 def test_settlement_debits_the_balance_but_never_below_zero(service):
-    reply = service.stub.Settle(refund_pb2.SettleRequest(merchant_id=str(MERCHANT), currency="HKD", amount="999.99"))
+    reply = settle(service, "999.99", "batch-1")
     assert reply.unsettled_balance == "0.01"
+    assert (reply.settlement.settlement_id, reply.settlement.amount) == ("batch-1", "999.99")
     with pytest.raises(grpc.RpcError) as caught:
-        service.stub.Settle(refund_pb2.SettleRequest(merchant_id=str(MERCHANT), currency="HKD", amount="0.02"))
+        settle(service, "0.02", "batch-2")
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(caught.value)[0].reason == "INSUFFICIENT_BALANCE"
     assert balance(service.url) == 1

@@ -174,7 +174,8 @@ def _machine(service: InProcessService, engine: sa.Engine, merchants):
         def settle(self, currency, share):
             units = max(1, self.balance(currency) * share // 100)  # up to 20% more than there is
             request = refund_pb2.SettleRequest(merchant_id=str(self.merchant), currency=currency,
-                                               amount=self.text(units, currency))
+                                               amount=self.text(units, currency),
+                                               settlement_id=f"{self.merchant}-{currency}-{self.steps}")
             if units <= self.balance(currency):
                 reply = stub.Settle(request, timeout=10)
                 self.settled[currency] += units
