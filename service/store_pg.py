@@ -359,8 +359,8 @@ class PostgresStore:
             return await self._decide_and_apply(conn, statements, command, found, signed_with, timestamped)
 
     async def _decide_and_apply(self, conn, statements: "_RefundStatements", command: domain.RefundCommand,
-                                snapshot: domain.OrderSnapshot | None, signed_with: str | None,
-                                timestamped: bool) -> domain.RefundResult | None:
+                                snapshot: domain.OrderSnapshot | None, signed_with: str | None = None,
+                                timestamped: bool = False) -> domain.RefundResult | None:
         """Decide on `snapshot`: a decline inserts its audit row; an approval runs
         APPLY_REFUND, which re-checks the read (and a signed request's
         credentials); when the state moved since (it changes nothing), read
@@ -399,7 +399,7 @@ class PostgresStore:
 
     @staticmethod
     async def _refund_at_once(conn, statements: "_RefundStatements", command: domain.RefundCommand,
-                              signed_with: str | None, timestamped: bool):
+                              signed_with: str | None, timestamped: bool = False):
         """_REFUND_AT_ONCE: the RefundResult when it applied; else the order's snapshot as it
         read it (None: no such order) to decide on, CREDENTIALS_CHANGED, or NOT_READ when it
         failed because the balance fell during the statement."""

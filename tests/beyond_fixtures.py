@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from service import domain
 from tests import data
 from tests.conftest import ServiceProcess
 from tests.edge_fixtures import (
@@ -28,6 +29,7 @@ from tests.edge_fixtures import (
     EdgeProcess,
     Reply,
     admin,
+    balance_of,
     example_key,
     generated_key,
     public_pem,
@@ -49,9 +51,12 @@ def seed(url: str) -> None:
 
 
 def set_balance(url: str, merchant_id: int, hkd: str) -> None:
-    """Set the HKD balance with `refund-admin load` (balances are set, never added to)."""
-    key = EXAMPLE_PUB_PEM.read_text() if merchant_id == MERCHANT else public_pem(generated_key("other"))
-    data.load(url, [data.merchant(merchant_id, key, {"HKD": hkd})], [])
+    """Bring the HKD balance to `hkd` as an operator would: a journaled
+    `refund-admin balance adjust` by the difference (load never changes a live balance)."""
+    change = domain.to_minor(hkd, "HKD") - balance_of(url, merchant_id, "HKD")
+    if change:
+        text = ("-" if change < 0 else "") + domain.format_minor(abs(change), "HKD")
+        admin(url, "balance", "adjust", str(merchant_id), "HKD", text, "--reason", "test top-up")
 
 
 def now_iso(offset_seconds: float = 0, tz_hours: int = 8) -> str:

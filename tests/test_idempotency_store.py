@@ -105,10 +105,10 @@ class _FailingRefunds:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    async def refund(self, command):
+    async def refund(self, command, **credentials):
         if self.fail:
             raise StoreUnavailable("connection refused")
-        return await self._store.refund(command)
+        return await self._store.refund(command, **credentials)
 
 
 def test_a_call_answered_9001_frees_its_key_and_the_retry_runs(sqlite_url):
