@@ -1093,7 +1093,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command(commands, "migrate", cmd_migrate, "create or upgrade the database schema")
-    load = command(commands, "load", cmd_load, "upsert payment methods, merchants, keys, balances and orders "
+    load = command(commands, "load", cmd_load, "create the payment methods, merchants, keys, balances and orders "
+                                               "that are missing (never changing a live balance or a status) "
                                                "from a JSON file shaped like fixtures.example.json")
     load.add_argument("file", metavar="FILE")
     demo = command(commands, "demo", cmd_demo, "load a demo merchant with a fresh key pair and orders")
