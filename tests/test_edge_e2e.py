@@ -346,6 +346,8 @@ def test_invalid_amounts_get_1002(gateway):
         (refund_request("1.2505", reference="bh-0001"), True),  # four decimals for BHD
         (refund_request("1e400", order_id=1076), True),
         (refund_request("123456789012345678901234567890", order_id=1076), True),
+        (refund_request("10000000000000.00", order_id=1076), True),  # past the maximum of 10**15 - 1 minor units
+        (refund_request("92233720368547758.07", order_id=1076), True),
     ]
     for request, with_order in cases:
         answer = check_answer(gateway.refund(request), "1002", 400, order=with_order, transaction=False)

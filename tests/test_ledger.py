@@ -487,10 +487,32 @@ def test_verify_names_every_discrepancy_made_by_hand(busy_ledger, tamper, named)
     assert named in out and "FAIL" in out and "the ledger does not hold" in out
 
 
-def test_migration_0003_journals_the_balances_and_refunds_made_before_it(tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def unmigrated_url(request, tmp_path):
+    """An empty database of each kind, with no schema yet."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    import uuid
+
+    from tests.conftest import PG_ADMIN_URL, _postgres_or_skip
+
+    engine = _postgres_or_skip()
+    name = f"refund_test_{uuid.uuid4().hex[:12]}"
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def test_migration_0003_journals_the_balances_and_refunds_made_before_it(unmigrated_url):
     """A database that ran before the journal existed: after the migration every
     balance is the sum of its entries and verify holds."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+    url = unmigrated_url
     db.migrate(url, "0002")
     execute(url,
             "INSERT INTO payment_methods VALUES ('VISA', 'FULL_AND_PARTIAL')",
@@ -507,7 +529,9 @@ def test_migration_0003_journals_the_balances_and_refunds_made_before_it(tmp_pat
               f"transaction_id, created_at) VALUES ({MERCHANT}, {o}, NULL, 'x', '0000', {o}, "
               "'2026-11-21 08:00:00.000000')" for o in (1, 2)))
     db.migrate(url)
-    assert scalar(url, "SELECT group_concat(kind || ':' || amount || ':' || balance_after, ' ') FROM "
-                       "(SELECT * FROM ledger_entries ORDER BY id)") == "OPENING:10000:10000 REFUND:-2000:8000 " \
-                                                                        "REFUND:-1000:7000"
+    engine = db.make_engine(url)
+    with engine.connect() as connection:
+        entries = connection.execute(sa.text("SELECT kind, amount, balance_after FROM ledger_entries ORDER BY id")).all()
+    engine.dispose()
+    assert [tuple(e) for e in entries] == [("OPENING", 10000, 10000), ("REFUND", -2000, 8000), ("REFUND", -1000, 7000)]
     assert_ledger_holds(url)
