@@ -11,9 +11,10 @@ from alembic.config import Config
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str) -> sa.Engine:
+def make_engine(url: str, *, sqlite_begin: str = "BEGIN IMMEDIATE") -> sa.Engine:
     """An engine that behaves like the service: SQLite in WAL mode with writers
-    taking the write lock at BEGIN (BEGIN IMMEDIATE), foreign keys on."""
+    taking the write lock at BEGIN (BEGIN IMMEDIATE), foreign keys on.
+    `sqlite_begin="BEGIN"`: a reader's transaction, one snapshot and no write lock."""
     if not url.startswith("sqlite"):
         return sa.create_engine(url, pool_pre_ping=True)
     engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -30,7 +31,7 @@ def make_engine(url: str) -> sa.Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(sqlite_begin)
 
     return engine
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
-from service import domain, schema
+from service import db, domain, schema
 
 
 class LedgerRefused(Exception):
@@ -209,19 +209,9 @@ def _snapshot_engine(url: str) -> sa.Engine:
     """An engine whose transactions read one snapshot and take no write lock:
     REPEATABLE READ, READ ONLY on PostgreSQL; a deferred BEGIN on SQLite (whose
     WAL gives the reader a snapshot while the service goes on writing)."""
-    if not url.startswith("sqlite"):
-        return sa.create_engine(url, isolation_level="REPEATABLE READ", execution_options={"postgresql_readonly": True})
-    engine = sa.create_engine(url, connect_args={"timeout": 30})
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(connection):
-        connection.exec_driver_sql("BEGIN")
-
-    return engine
+    if url.startswith("sqlite"):
+        return db.make_engine(url, sqlite_begin="BEGIN")
+    return sa.create_engine(url, isolation_level="REPEATABLE READ", execution_options={"postgresql_readonly": True})
 
 
 def verify(url: str) -> Verification:

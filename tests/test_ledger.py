@@ -320,23 +320,30 @@ def test_a_claim_whose_release_fails_is_released_by_a_later_try():
 # -- 5: credentials are re-checked in the refund's own transaction, on every path --
 
 
+def change_after_authentication(monkeypatch, url: str, statement: str) -> None:
+    """Run `statement` on the database right after the service's first
+    authentication of a signed request, before it refunds."""
+    from service import signing
+
+    real_authenticate = signing.authenticate
+    done = []
+
+    async def authenticate_then_change(store, request, signature, **kwargs):
+        signed = await real_authenticate(store, request, signature, **kwargs)
+        if not done:
+            execute(url, statement)
+            done.append(True)
+        return signed
+
+    monkeypatch.setattr(signing, "authenticate", authenticate_then_change)
+
+
 def test_a_key_deactivated_after_authentication_refuses_the_idempotent_refund(service, monkeypatch):
     """Finding 5: with an Idempotency-Key the keys were read in one statement and
     the refund made in another, unchecked. Here the key is deactivated right
     after the service read it: the refund must not be made."""
-    from service import signing
-
-    real_authenticate = signing.authenticate
-    deactivated = []
-
-    async def authenticate_then_deactivate(store, request, signature, **kwargs):
-        signed = await real_authenticate(store, request, signature, **kwargs)
-        if not deactivated:
-            execute(service.url, f"UPDATE merchant_keys SET active = false WHERE merchant_id = {MERCHANT}")
-            deactivated.append(True)
-        return signed
-
-    monkeypatch.setattr(signing, "authenticate", authenticate_then_deactivate)
+    change_after_authentication(monkeypatch, service.url,
+                                f"UPDATE merchant_keys SET active = false WHERE merchant_id = {MERCHANT}")
     request = refund_text(MERCHANT, "10.00", order_id=1000)
     code, reason = rpc_error(service.stub.MerchantRefund, refund_pb2.SignedRequest(
         request=request.encode(), signature=sign(service.key, request), idempotency_key="idem-1"), timeout=10)
@@ -348,19 +355,8 @@ def test_a_key_deactivated_after_authentication_refuses_the_idempotent_refund(se
 def test_a_merchant_suspended_after_authentication_refuses_the_timestamped_refund(service, monkeypatch):
     from datetime import datetime, timezone
 
-    from service import signing
-
-    real_authenticate = signing.authenticate
-    suspended = []
-
-    async def authenticate_then_suspend(store, request, signature, **kwargs):
-        signed = await real_authenticate(store, request, signature, **kwargs)
-        if not suspended:
-            execute(service.url, f"UPDATE merchants SET status = 'SUSPENDED' WHERE id = {MERCHANT}")
-            suspended.append(True)
-        return signed
-
-    monkeypatch.setattr(signing, "authenticate", authenticate_then_suspend)
+    change_after_authentication(monkeypatch, service.url,
+                                f"UPDATE merchants SET status = 'SUSPENDED' WHERE id = {MERCHANT}")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     request = refund_text(MERCHANT, "10.00", order_id=1001)[:-1] + f', "timestamp": "{now}"}}'
     code, reason = rpc_error(service.stub.MerchantRefund, refund_pb2.SignedRequest(
