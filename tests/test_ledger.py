@@ -244,7 +244,7 @@ def test_terminated_backends_are_answered_unavailable_and_retries_complete(postg
         with engine.connect() as connection:
             while not stop.is_set() and time.monotonic() < until:
                 connection.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                           "WHERE application_name = 'refund-service'"))
+                                           "WHERE application_name = 'refund-service' AND datname = current_database()"))
                 time.sleep(0.01)
         engine.dispose()
 

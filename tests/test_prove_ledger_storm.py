@@ -187,7 +187,7 @@ def _terminate_backends(url: str, stop: threading.Event, kills: list) -> None:
             with engine.connect() as connection:
                 terminated = connection.execute(sa.text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE application_name = 'refund-service'")).scalar()
+                    "WHERE application_name = 'refund-service' AND datname = current_database()")).scalar()
             kills.extend(["backend"] * terminated)
     finally:
         engine.dispose()
