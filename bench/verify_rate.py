@@ -36,15 +36,13 @@ SELECT setval(pg_get_serial_sequence('transactions', 'id'), 2 * :n + 1);
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id,
                              created_at)
 SELECT i % 100 + 1, i, NULL, '1.00', '0000', :n + i, now() FROM generate_series(3, :n, 3) i;
-ALTER TABLE ledger_entries DISABLE TRIGGER tg_ledger_entries_append_only;
 INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at)
-SELECT i % 100 + 1, 'HKD', 'SALE', 10000, 0, i, i, now() FROM generate_series(1, :n) i;
-INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at)
-SELECT i % 100 + 1, 'HKD', 'REFUND', -100, 0, i, :n + i, now() FROM generate_series(3, :n, 3) i;
-UPDATE ledger_entries e SET balance_after = c.running
-FROM (SELECT id, SUM(amount) OVER (PARTITION BY merchant_id, currency ORDER BY id) AS running
-      FROM ledger_entries) c WHERE c.id = e.id;
-ALTER TABLE ledger_entries ENABLE TRIGGER tg_ledger_entries_append_only;
+SELECT merchant, 'HKD', kind, amount, SUM(amount) OVER (PARTITION BY merchant ORDER BY seq), order_id, seq, now()
+FROM (SELECT i % 100 + 1 AS merchant, 'SALE' AS kind, 10000 AS amount, i AS order_id, i AS seq
+      FROM generate_series(1, :n) i
+      UNION ALL
+      SELECT i % 100 + 1, 'REFUND', -100, i, :n + i FROM generate_series(3, :n, 3) i) entries
+ORDER BY seq;
 INSERT INTO balances SELECT merchant_id, currency, SUM(amount) FROM ledger_entries GROUP BY merchant_id, currency;
 ANALYZE;
 """
