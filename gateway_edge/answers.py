@@ -28,7 +28,7 @@ log = logging.getLogger("refund-edge")
 # google.rpc.ErrorInfo.domain of the refund service's errors (service.grpc_api.ERROR_DOMAIN).
 ERROR_DOMAIN = "refund.gateway"
 
-# The one table from response codes to HTTP statuses (API.md section 4): the
+# The one table from response codes to HTTP statuses (docs/api.md section 4): the
 # status says whether the gateway could process the request, the code says
 # the outcome.
 HTTP_STATUS = {

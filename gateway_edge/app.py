@@ -1,7 +1,7 @@
 """The edge as a raw ASGI application.
 
-    POST /direct/refund   the merchant endpoint (API.md sections 2 and 4)
-    POST /direct/query    the order and its transactions (API.md section 7)
+    POST /direct/refund   the merchant endpoint (docs/api.md sections 2 and 4)
+    POST /direct/query    the order and its transactions (docs/api.md section 7)
     GET  /healthz         200 only while the back end's grpc.health.v1 says SERVING
     GET  /openapi.json    the OpenAPI 3 document of this edge
     GET  /metrics         Prometheus metrics of this process

@@ -20,7 +20,7 @@ prometheus_client.disable_created_metrics()  # no *_created series: less to scra
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUESTS = Counter("refund_edge_requests", "HTTP requests answered, by path and HTTP status", ["path", "status"])
-REFUNDS = Counter("refund_edge_refunds", "POST /direct/refund answers, by response code (API.md section 4)",
+REFUNDS = Counter("refund_edge_refunds", "POST /direct/refund answers, by response code (docs/api.md section 4)",
                   ["response_code"])
 QUERIES = Counter("refund_edge_queries", "POST /direct/query answers, by response code", ["response_code"])
 DURATION = Histogram("refund_edge_request_duration_seconds", "Seconds from receiving a request to answering it",

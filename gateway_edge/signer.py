@@ -1,4 +1,4 @@
-"""Signed responses (API.md section 7): with a gateway key configured, every
+"""Signed responses (docs/api.md section 7): with a gateway key configured, every
 edge response carries `X-Signature`, base64 of the RSASSA-PKCS1-v1_5 /
 SHA-256 signature over the exact body bytes.
 

@@ -1,4 +1,4 @@
-"""`refund-admin`: the operator's command (API.md section 6).
+"""`refund-admin`: the operator's command (docs/api.md section 6).
 
     refund-admin migrate
     refund-admin load FILE.json
@@ -1060,7 +1060,7 @@ def parse_duration(text: str) -> timedelta:
 
 def cmd_purge_idempotency(args, url: str) -> None:
     """Delete Idempotency-Key answers older than --older-than (at least 24 h:
-    API.md promises 24 h), and replay-guard hashes whose timestamp has left
+    docs/api.md promises 24 h), and replay-guard hashes whose timestamp has left
     the window. Safe to run at any time, from cron, while the service runs."""
     age = parse_duration(args.older_than)
     if age < MIN_IDEMPOTENCY_RETENTION:

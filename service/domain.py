@@ -1,4 +1,4 @@
-"""The refund rules of API.md section 3, in plain Python.
+"""The refund rules of docs/api.md section 3, in plain Python.
 
 Nothing here imports grpc or sqlalchemy: the stores read a snapshot of an
 order under a lock, ask `decide` what to do, and apply the decision with
@@ -19,7 +19,7 @@ from decimal import Decimal
 
 
 class ResponseCode(enum.Enum):
-    """API.md section 4: the value is the 4-digit code, the name its message."""
+    """docs/api.md section 4: the value is the 4-digit code, the name its message."""
 
     SUCCESS = "0000"
     INVALID_REQUEST = "1001"
@@ -85,7 +85,7 @@ KNOWN_CURRENCIES = frozenset(
 # The most decimals any known currency has.
 MAX_DECIMALS = max(2, *_MINOR_UNITS_EXCEPTIONS.values())
 
-# Idempotency-Key (API.md section 7): 1 to 64 printable ASCII characters.
+# Idempotency-Key (docs/api.md section 7): 1 to 64 printable ASCII characters.
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
 # A settlement batch's id for Settle: 1 to 64 printable ASCII characters, no blank.
 SETTLEMENT_ID = re.compile(r"[\x21-\x7e]{1,64}\Z")
@@ -321,7 +321,7 @@ class Decision:
 
 
 def decide(command: RefundCommand, snapshot: OrderSnapshot | None) -> Decision:
-    """Apply API.md section 3 to one attempt. Pure: no I/O, no clock."""
+    """Apply docs/api.md section 3 to one attempt. Pure: no I/O, no clock."""
     if snapshot is None or snapshot.order.merchant_id != command.merchant_id:
         return Decision(ResponseCode.ORDER_NOT_FOUND, "order not found")
     order = snapshot.order

@@ -1,4 +1,4 @@
-"""The replay window of signed requests (API.md section 7).
+"""The replay window of signed requests (docs/api.md section 7).
 
 A signed request may carry `timestamp` (ISO 8601 with an offset). When it
 does, the timestamp must be within WINDOW of the service's clock, and the

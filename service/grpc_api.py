@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "refund.gateway"
 
-# The one table from response codes to gRPC status codes (API.md section 5).
+# The one table from response codes to gRPC status codes (docs/api.md section 5).
 GRPC_CODES = {
     ResponseCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
     ResponseCode.INVALID_AMOUNT: grpc.StatusCode.INVALID_ARGUMENT,

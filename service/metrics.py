@@ -35,7 +35,7 @@ REFUND_METHODS = frozenset({"Refund", "MerchantRefund"})
 QUIET_METHODS = frozenset({"Check", "Watch"})  # health checks: logged at DEBUG only
 
 RPCS = Counter("refund_service_rpcs", "gRPC calls answered, by method and gRPC status code", ["method", "code"])
-REFUNDS = Counter("refund_service_refunds", "Refund and MerchantRefund answers, by response code (API.md section 4)",
+REFUNDS = Counter("refund_service_refunds", "Refund and MerchantRefund answers, by response code (docs/api.md section 4)",
                   ["method", "response_code"])
 DURATION = Histogram("refund_service_rpc_duration_seconds", "Seconds from receiving a gRPC call to answering it",
                      ["method"], buckets=LATENCY_BUCKETS)

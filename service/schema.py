@@ -35,7 +35,7 @@ merchants = sa.Table(
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
-    # Signed requests without a `timestamp` are refused (API.md section 7).
+    # Signed requests without a `timestamp` are refused (docs/api.md section 7).
     sa.Column("require_timestamp", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("status IN ('ACTIVE', 'SUSPENDED')", name="ck_merchant_status"),
 )
@@ -119,7 +119,7 @@ refund_attempts = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-# Idempotency-Key of a merchant (API.md section 7): the hash of the request
+# Idempotency-Key of a merchant (docs/api.md section 7): the hash of the request
 # first sent with it and, once decided, its answer (a serialized
 # google.rpc.Status). `response` is NULL while that request is in progress.
 idempotency_keys = sa.Table(

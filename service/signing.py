@@ -139,7 +139,7 @@ def order_key(fields: dict) -> tuple[int | None, str | None]:
 
 
 def command_from(fields: dict) -> domain.RefundCommand:
-    """A RefundCommand from the fields of a verified request (API.md section 2)."""
+    """A RefundCommand from the fields of a verified request (docs/api.md section 2)."""
     order_id, reference = order_key(fields)
     if "amount" not in fields:
         raise domain.InvalidRequest("amount is required")

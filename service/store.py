@@ -114,7 +114,7 @@ def judge_claim(row_hash: str, response: bytes | None, created_at: datetime, req
 class Store(Protocol):
     async def refund(self, command: domain.RefundCommand, *, signed_with: str | None = None,
                      timestamped: bool = False) -> domain.RefundResult | None:
-        """Decide and apply one refund attempt (API.md section 3).
+        """Decide and apply one refund attempt (docs/api.md section 3).
 
         `signed_with`: the key_id that verified a signed request, from
         credentials read earlier. The store then refunds only while that key
@@ -139,7 +139,7 @@ class Store(Protocol):
 
     async def merchant_credentials(self, merchant_id: int) -> MerchantCredentials | None: ...
 
-    # Idempotency-Key and replay window (API.md section 7): used only by
+    # Idempotency-Key and replay window (docs/api.md section 7): used only by
     # requests that carry a key or a timestamp.
 
     async def claim_idempotency(self, merchant_id: int, key: str, request_hash: str, now: datetime,

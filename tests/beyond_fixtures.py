@@ -1,4 +1,4 @@
-"""Helpers for the tests of API.md section 7 and of operating the gateway
+"""Helpers for the tests of docs/api.md section 7 and of operating the gateway
 (idempotency, replay window, signed responses, order query, logs, metrics,
 TLS): a seeded world, a gateway of real processes, signed requests with
 timestamps, certificates made in the test, JSON log lines."""

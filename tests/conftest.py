@@ -24,7 +24,8 @@ import sqlalchemy as sa
 from service import db
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_DIR = Path(os.environ.get("REFUND_SPEC_DIR", ROOT.parent / "shared" / "spec"))
+# The example merchant's key pair, the example load file and the endpoint as first published to merchants.
+FIXTURES_DIR = ROOT / "tests" / "fixtures"
 PG_ADMIN_URL = os.environ.get("REFUND_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REQUIRE_POSTGRES = os.environ.get("REFUND_REQUIRE_POSTGRES") == "1"
 

@@ -1,4 +1,4 @@
-"""Test data in the fixtures format of ../shared/spec/fixtures.example.json,
+"""Test data in the fixtures format of tests/fixtures/fixtures.example.json,
 loaded through `refund-admin load` like an operator would."""
 
 from __future__ import annotations

@@ -38,10 +38,10 @@ from grpc_status import rpc_status
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import admin as admin_command
 from service import db, domain, schema, strict_json
-from tests.conftest import SPEC_DIR, LoggedProcess
+from tests.conftest import FIXTURES_DIR, LoggedProcess
 
-EXAMPLE_KEY_PEM = SPEC_DIR / "example-merchant.key.pem"
-EXAMPLE_PUB_PEM = SPEC_DIR / "example-merchant.pub.pem"
+EXAMPLE_KEY_PEM = FIXTURES_DIR / "example-merchant.key.pem"
+EXAMPLE_PUB_PEM = FIXTURES_DIR / "example-merchant.pub.pem"
 BACKEND_SERVICE = "refund.v1.RefundService"
 
 

@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from service import db, schema
 from service.admin import main
+from tests.conftest import FIXTURES_DIR
 
-SPEC_DIR = Path(os.environ.get("REFUND_SPEC_DIR") or Path(__file__).resolve().parents[2] / "shared" / "spec")
-FIXTURES = SPEC_DIR / "fixtures.example.json"
-EXAMPLE_PUBLIC_KEY = SPEC_DIR / "example-merchant.pub.pem"
+FIXTURES = FIXTURES_DIR / "fixtures.example.json"
+EXAMPLE_PUBLIC_KEY = FIXTURES_DIR / "example-merchant.pub.pem"
 # The columns a merchant is loaded with (require_timestamp is set by `merchant timestamp`).
 MERCHANT_ROW = tuple(schema.merchants.c[name] for name in ("id", "name", "status"))
-EXAMPLE_PRIVATE_KEY = SPEC_DIR / "example-merchant.key.pem"
+EXAMPLE_PRIVATE_KEY = FIXTURES_DIR / "example-merchant.key.pem"
 
 
 def admin(url: str, *args: str) -> int:

@@ -64,7 +64,7 @@ def test_sqlite_write_lock_held_too_long_gives_unavailable_and_no_partial_write(
         assert error_info(caught.value)[0].metadata["responseCode"] == "9001"
         blocker.execute("ROLLBACK")
         # The attempt that timed out may still commit once the lock is free
-        # (API.md: 9001 means "retrying is safe"): the retry is then answered
+        # (docs/api.md: 9001 means "retrying is safe"): the retry is then answered
         # 3003 with that refund. Either way the order is refunded once.
         try:
             retry = service.stub.Refund(refund_pb2.RefundRequest(merchant_id=str(MERCHANT), order_id=1, amount="10.00"),

@@ -1,4 +1,4 @@
-"""Unit tests of service/domain.py: the refund rules of API.md sections 3 and 4.
+"""Unit tests of service/domain.py: the refund rules of docs/api.md sections 3 and 4.
 
 Tests named `test_regression_` pin defects found in an earlier domain.py
 (each docstring says which).

@@ -3,7 +3,7 @@
 (a) to_minor / format_minor are exact: an amount is refused or read without
     losing anything, never through float.
 (b) A small in-memory model of the store (orders, balances, refunds) applies
-    domain.decide to random sequences of attempts; the money rules of API.md
+    domain.decide to random sequences of attempts; the money rules of docs/api.md
     section 3 must hold after every step.
 """
 
@@ -222,7 +222,7 @@ def expected_units(text: str, currency: str) -> int | None:
 
 
 def allowed_codes(command: RefundCommand, snapshot: OrderSnapshot | None) -> set[ResponseCode]:
-    """Every rule of API.md section 3 the attempt breaks; an empty set means it must be approved.
+    """Every rule of docs/api.md section 3 the attempt breaks; an empty set means it must be approved.
     (Which of several broken rules is answered first is the implementation's choice.)"""
     if snapshot is None or snapshot.order.merchant_id != command.merchant_id:
         return {ResponseCode.ORDER_NOT_FOUND}

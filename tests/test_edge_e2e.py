@@ -1,7 +1,7 @@
 """End to end over HTTP: real `refund-service` and `refund-edge` processes on
 free ports, data seeded in SQLite (and PostgreSQL where the test is
 parametrized with `database_url`), every answer checked for the documented
-shape and JSON types (API.md sections 2 to 4)."""
+shape and JSON types (docs/api.md sections 2 to 4)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 pytest.register_assert_rewrite("tests.edge_fixtures")  # its check_* helpers assert
 
-from tests.conftest import SPEC_DIR, ServiceProcess  # noqa: E402  (after register_assert_rewrite)
+from tests.conftest import FIXTURES_DIR, ServiceProcess  # noqa: E402  (after register_assert_rewrite)
 from tests.edge_fixtures import (  # noqa: E402  (after register_assert_rewrite)
     EXAMPLE_KEY_PEM,
     EdgeProcess,
@@ -65,8 +65,8 @@ def _key(key_id, key):
 
 def world() -> dict:
     """The example merchant of fixtures.example.json and its orders, plus
-    merchants and orders for every path of API.md section 3."""
-    example = json.loads((SPEC_DIR / "fixtures.example.json").read_text())
+    merchants and orders for every path of docs/api.md section 3."""
+    example = json.loads((FIXTURES_DIR / "fixtures.example.json").read_text())
     example["merchants"][0]["balances"].append({"currency": "BHD", "unsettled": "10.000"})
     example["merchants"] += [
         _merchant(OTHER, "Other Shop", [_key("k1", generated_key("other"))], [("HKD", "500.00")]),
@@ -261,7 +261,7 @@ def test_business_declines_on_each_database(gateway):
 
 def published_example_body() -> bytes:
     """The example request exactly as the original document publishes it."""
-    text = (SPEC_DIR / "direct-refund.original.txt").read_text()
+    text = (FIXTURES_DIR / "direct-refund.original.txt").read_text()
     match = re.search(r"Example:\n(\{\n\"request\".*?\n\})\n", text, re.S)
     assert match, "the published example is not where it was"
     return match.group(1).encode("utf-8")

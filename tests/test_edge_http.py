@@ -22,7 +22,7 @@ from service.domain import ResponseCode
 
 pytest.register_assert_rewrite("tests.edge_fixtures")  # its check_* helpers assert
 
-from tests.conftest import SPEC_DIR, free_port  # noqa: E402  (after register_assert_rewrite)
+from tests.conftest import FIXTURES_DIR, free_port  # noqa: E402  (after register_assert_rewrite)
 from tests.edge_fixtures import (  # noqa: E402  (after register_assert_rewrite)
     FakeRefundService,
     Reply,
@@ -39,7 +39,7 @@ MAX_BODY = 64 * 1024
 
 
 def example_fixtures() -> dict:
-    return json.loads((SPEC_DIR / "fixtures.example.json").read_text())
+    return json.loads((FIXTURES_DIR / "fixtures.example.json").read_text())
 
 
 # -- 413, 415, 405, 404 ----------------------------------------------------------

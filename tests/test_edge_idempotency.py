@@ -1,4 +1,4 @@
-"""Idempotency-Key end to end (API.md section 7): real refund-service and
+"""Idempotency-Key end to end (docs/api.md section 7): real refund-service and
 refund-edge processes, on SQLite and on PostgreSQL.
 
 The same key with the same request gets the byte-identical stored answer,

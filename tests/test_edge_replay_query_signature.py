@@ -1,4 +1,4 @@
-"""API.md section 7 end to end, on real processes: the signed `timestamp`
+"""docs/api.md section 7 end to end, on real processes: the signed `timestamp`
 and its replay window, signed responses verified by the merchant with
 `openssl dgst -verify`, and `POST /direct/query`."""
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 pytest.register_assert_rewrite("tests.edge_fixtures")  # its check_* helpers assert
 
-from tests.conftest import ROOT, SPEC_DIR, free_port  # noqa: E402  (after register_assert_rewrite)
+from tests.conftest import FIXTURES_DIR, ROOT, free_port  # noqa: E402  (after register_assert_rewrite)
 from tests.edge_fixtures import (  # noqa: E402  (after register_assert_rewrite)
     EXAMPLE_KEY_PEM,
     EXAMPLE_PUB_PEM,
@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 
 
 def example_fixtures() -> dict:
-    return json.loads((SPEC_DIR / "fixtures.example.json").read_text())
+    return json.loads((FIXTURES_DIR / "fixtures.example.json").read_text())
 
 
 def script(name: str) -> list[str]:

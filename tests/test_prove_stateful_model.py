@@ -5,7 +5,7 @@ Rules: record a sale (RecordSale), refund in full, in part, again (a
 duplicate), more than the order, with too many decimals, as another merchant,
 an order that does not exist, on payment methods without refunds (OCTOPUS,
 NONE) or with full refunds only (ALIPAY, FULL_ONLY), and settle (Settle).
-Each answer is compared with what a plain model of API.md section 3 says, and
+Each answer is compared with what a plain model of docs/api.md section 3 says, and
 after every step the database itself must show at most one refund per order,
 no negative balance, and balance = sales - refunds - settlements.
 
@@ -135,7 +135,7 @@ def _machine(service: InProcessService, engine: sa.Engine, merchants):
             self.steps += 1
 
         def expect(self, order, units, kind) -> str:
-            """API.md section 3, in the order the rules apply."""
+            """docs/api.md section 3, in the order the rules apply."""
             if kind == "decimals":
                 return "1002"
             if order["refund"]:

@@ -1,4 +1,4 @@
-"""idempotency keys, replay guard, timestamp setting, gateway keys (API.md section 7)
+"""idempotency keys, replay guard, timestamp setting, gateway keys (docs/api.md section 7)
 
 Revision ID: 0002
 Revises: 0001
