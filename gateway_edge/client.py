@@ -1,4 +1,5 @@
-"""`refund-client`: sign a refund request as a merchant and send it to the edge.
+"""`refund-client`: sign a refund request as a merchant and send it to the edge;
+and `RefundClient`, the same as a Python library.
 
     refund-client --key merchant.key.pem --merchant-id 3000001 --order-id 1076 --amount 76.19
     refund-client ... --idempotency-key refund-1076-1 --timestamp
@@ -9,6 +10,14 @@ base64-encodes the signature (twice with --double-base64, like the published
 example), POSTs the envelope to URL/direct/refund and prints the HTTP status
 and the response body as received. Exit status: 0 for responseCode 0000,
 1 for any other answer, 2 when no answer was received.
+
+As a library (the README shows more):
+
+    from gateway_edge.client import RefundClient
+
+    client = RefundClient("http://127.0.0.1:8080", merchant_id="3000001", key="merchant.key.pem")
+    answer = client.refund(order_id=1076, amount="76.19", idempotency_key="refund-1076")
+    answer.response_code, answer.json["transaction"]["id"]
 """
 
 from __future__ import annotations
@@ -21,22 +30,26 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import Decimal
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 REFUND_PATH = "/direct/refund"
+QUERY_PATH = "/direct/query"
 # A JSON number literal: what --amount may be (zero and negative numbers are
 # allowed on purpose, so that a merchant can see the gateway's 1002 answer).
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
 
 
-def request_text(merchant_id: str, amount: str, order_id: str | None = None,
+def request_text(merchant_id: str, amount: str | None, order_id: str | None = None,
                  merchant_reference: str | None = None, timestamp: str | None = None) -> str:
-    """The `request` JSON object as text; `amount` is inserted verbatim."""
-    if not _JSON_NUMBER.match(amount):
+    """The `request` JSON object as text; `amount` is inserted verbatim (None: no amount, as for a query)."""
+    if amount is not None and not _JSON_NUMBER.match(amount):
         raise ValueError(f"amount must be a decimal number such as 76.19, got {amount!r}")
     fields = [f'"merchantId":{json.dumps(merchant_id)}']
     if order_id is not None:
@@ -45,7 +58,8 @@ def request_text(merchant_id: str, amount: str, order_id: str | None = None,
         fields.append(f'"orderId":{int(order_id)}')
     if merchant_reference is not None:
         fields.append(f'"merchantReference":{json.dumps(merchant_reference, ensure_ascii=False)}')
-    fields.append(f'"amount":{amount}')
+    if amount is not None:
+        fields.append(f'"amount":{amount}')
     if timestamp is not None:
         fields.append(f'"timestamp":{json.dumps(timestamp)}')
     return "{" + ",".join(fields) + "}"
@@ -74,21 +88,143 @@ def load_private_key(path: str) -> rsa.RSAPrivateKey:
 
 def post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None) -> tuple[int, str, bytes]:
     """(status, reason, body) of the answer, whatever its status."""
+    answer = _post(url, body, timeout, idempotency_key)
+    return answer.status, answer.reason, answer.body
+
+
+def _post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None) -> "Answer":
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.reason, response.read()
+            return Answer(response.status, response.reason, response.read(), dict(response.headers.items()))
     except urllib.error.HTTPError as error:
         with error:
-            return error.code, error.reason, error.read()
+            return Answer(error.code, error.reason, error.read(), dict(error.headers.items()))
 
 
-def endpoint(url: str) -> str:
+def endpoint(url: str, path: str = REFUND_PATH) -> str:
     url = url.rstrip("/")
-    return url if url.endswith(REFUND_PATH) else url + REFUND_PATH
+    return url if url.endswith(path) else url + path
+
+
+# -- the library ---------------------------------------------------------------
+
+
+class AnswerNotGenuine(Exception):
+    """The answer's X-Signature is missing or does not verify with the gateway's public key."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer of the edge, as received."""
+
+    status: int  # the HTTP status, e.g. 200
+    reason: str  # e.g. "OK"
+    body: bytes  # the body exactly as received (what X-Signature signs)
+    headers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def json(self) -> dict:
+        """The body parsed, amounts as Decimal (never float)."""
+        return json.loads(self.body, parse_float=Decimal)
+
+    @property
+    def response_code(self) -> str | None:
+        """`responseCode` ("0000", "3003", ...), or None when the body is not the gateway's JSON."""
+        try:
+            answer = self.json
+        except ValueError:
+            return None
+        return answer.get("responseCode") if isinstance(answer, dict) else None
+
+    @property
+    def request_id(self) -> str | None:
+        """`X-Request-Id`: quote it when asking the operator about this request."""
+        return _header(self.headers, "X-Request-Id")
+
+
+def _header(headers: dict, name: str) -> str | None:
+    return next((value for key, value in headers.items() if key.lower() == name.lower()), None)
+
+
+def _amount_text(amount) -> str:
+    if isinstance(amount, bool) or isinstance(amount, float):
+        raise TypeError("amount must be a str, Decimal or int (never a float): e.g. \"76.19\" or Decimal(\"76.19\")")
+    if isinstance(amount, Decimal):
+        if not amount.is_finite():
+            raise ValueError(f"amount must be finite, got {amount}")
+        return format(amount, "f")
+    if isinstance(amount, int):
+        return str(amount)
+    if isinstance(amount, str):
+        return amount
+    raise TypeError(f"amount must be a str, Decimal or int, got {type(amount).__name__}")
+
+
+class RefundClient:
+    """A merchant's client of the gateway's edge: signs each request with the
+    merchant's key and sends it.
+
+    `key` is the merchant's RSA private key: a path to an unencrypted PEM file,
+    or a loaded `RSAPrivateKey`. With `gateway_public_key` (a path to the PEM
+    file `refund-admin gateway-key public` writes, or a loaded key), every
+    answer's `X-Signature` is checked and an answer that is not genuine raises
+    `AnswerNotGenuine`. Network failures raise `OSError` (`urllib.error.URLError`
+    is one): the outcome of a refund is then unknown, and retrying it (with the
+    same `idempotency_key`) is safe.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, merchant_id: str | int, key, timeout: float = 10.0,
+                 double_base64: bool = False, gateway_public_key=None):
+        self.url = url
+        self.merchant_id = str(merchant_id)
+        self.timeout = timeout
+        self.double_base64 = double_base64
+        self._key = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
+        if not isinstance(self._key, rsa.RSAPrivateKey):
+            raise TypeError("key must be a path to a PEM RSA private key or an RSAPrivateKey")
+        self._gateway_key = gateway_public_key
+        if isinstance(gateway_public_key, (str, os.PathLike)):
+            with open(gateway_public_key, "rb") as pem:
+                self._gateway_key = serialization.load_pem_public_key(pem.read())
+
+    def refund(self, *, amount, order_id: int | str | None = None, merchant_reference: str | None = None,
+               idempotency_key: str | None = None, timestamp: bool = False) -> Answer:
+        """POST /direct/refund: refund `amount` (str, Decimal or int, written as a JSON number exactly)
+        of the order named by `order_id` and/or `merchant_reference`."""
+        return self._send(REFUND_PATH, _amount_text(amount), order_id, merchant_reference, timestamp,
+                          idempotency_key)
+
+    def query(self, *, order_id: int | str | None = None, merchant_reference: str | None = None,
+              timestamp: bool = False) -> Answer:
+        """POST /direct/query: the order and all its transactions."""
+        return self._send(QUERY_PATH, None, order_id, merchant_reference, timestamp, None)
+
+    def signed_envelope(self, request: str) -> bytes:
+        """The JSON envelope of the `request` text, signed with the merchant's key."""
+        return envelope(request, sign(self._key, request, self.double_base64))
+
+    def _send(self, path, amount, order_id, merchant_reference, timestamp, idempotency_key) -> Answer:
+        if order_id is None and merchant_reference is None:
+            raise ValueError("give order_id or merchant_reference (or both)")
+        moment = datetime.now(timezone.utc).isoformat(timespec="seconds") if timestamp else None
+        request = request_text(self.merchant_id, amount, None if order_id is None else str(order_id),
+                               merchant_reference, moment)
+        answer = _post(endpoint(self.url, path), self.signed_envelope(request), self.timeout, idempotency_key)
+        if self._gateway_key is not None:
+            self._check_genuine(answer)
+        return answer
+
+    def _check_genuine(self, answer: Answer) -> None:
+        signature = _header(answer.headers, "X-Signature")
+        try:
+            self._gateway_key.verify(base64.b64decode(signature or "", validate=True), answer.body,
+                                     padding.PKCS1v15(), hashes.SHA256())
+        except (InvalidSignature, ValueError) as exc:
+            raise AnswerNotGenuine(f"the answer's X-Signature does not verify (HTTP {answer.status})") from exc
 
 
 def parse_args(argv=None):
