@@ -35,7 +35,7 @@ from gateway_edge import metrics as edge_metrics
 from gateway_edge.answers import Answer
 from gateway_edge.signer import ResponseSigner
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import domain, strict_json, telemetry
+from service import domain, strict_json, telemetry, tracing
 from service.domain import ResponseCode
 
 log = logging.getLogger("refund-edge")
@@ -378,5 +378,7 @@ class _Responder:
             headers.append((b"x-signature", self._signer.signature(body)))
         self.started = True
         self.status = status
+        if tracing.ENABLED:  # on the request's span, which ends with the response
+            tracing.annotate(self.request_id, self.response_code.value if self.response_code is not None else None)
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})

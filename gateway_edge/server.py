@@ -25,7 +25,7 @@ import uvicorn
 
 from gateway_edge.app import DEFAULT_BODY_TIMEOUT, DEFAULT_DEADLINE, EdgeApp
 from gateway_edge.signer import ResponseSigner
-from service import telemetry
+from service import telemetry, tracing
 
 log = logging.getLogger("refund-edge")
 
@@ -148,6 +148,8 @@ def grpc_credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.
 def main(argv=None) -> int:
     args = parse_args(argv)
     telemetry.configure_logging(args.log_level)
+    if not tracing.start_from_environment("refund-edge"):  # off unless OTEL_* asks (docs/operations.md)
+        return 1
     try:
         signer = ResponseSigner.from_file(args.signing_key) if args.signing_key else None
         credentials = grpc_credentials(args.grpc_tls_ca, args.grpc_tls_cert, args.grpc_tls_key)
@@ -167,8 +169,8 @@ def main(argv=None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc)
         return 1
-    app = EdgeApp(args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout, signer=signer,
-                  grpc_credentials=credentials)
+    app = tracing.wrap_asgi(EdgeApp(args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout,
+                                    signer=signer, grpc_credentials=credentials))
     config = uvicorn.Config(
         app, loop="uvloop", http="httptools", ws="none", lifespan="on", interface="asgi3",
         log_config=None, log_level=args.log_level, access_log=args.access_log,

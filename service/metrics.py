@@ -26,7 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 prometheus_client.disable_created_metrics()  # no *_created series: less to scrape
 
-from service import telemetry
+from service import telemetry, tracing
 
 log = logging.getLogger("refund-service")
 
@@ -116,6 +116,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 RPCS.labels(method, code.name).inc()
                 if counts_refunds and outcome.response_code:
                     REFUNDS.labels(method, outcome.response_code).inc()
+                if tracing.ENABLED:
+                    tracing.annotate(telemetry.REQUEST_ID.get(), outcome.response_code)
                 if log.isEnabledFor(level):
                     fields = {"rpc": method, "code": code.name, "duration_ms": round(elapsed * 1000, 3)}
                     if outcome.response_code:

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import config, metrics, telemetry
+from service import config, metrics, telemetry, tracing
 from service.grpc_api import RefundServicer
 from service.store import StoreUnavailable, open_store
 
@@ -153,6 +153,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     telemetry.configure_logging(args.log_level)
+    if not tracing.start_from_environment("refund-service"):  # off unless OTEL_* asks (docs/operations.md)
+        return 1
     return run_event_loop(serve(args))
 
 

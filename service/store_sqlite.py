@@ -12,6 +12,8 @@ PostgreSQL stand behind the code: the unique refund index and the balance check.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, replace
@@ -19,7 +21,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy.engine import make_url
 
-from service import domain
+from service import domain, tracing
 from service.store import (
     BALANCE_TOO_LARGE,
     ORDER_COLUMNS,
@@ -127,14 +129,17 @@ class SqliteStore:
     async def _run(self, function, *args):
         """Run `function(connection, *args)` on the SQLite thread."""
         loop = asyncio.get_running_loop()
+        call = self._call
+        if tracing.ENABLED:  # the statements' spans belong to the caller's trace: its context goes along
+            call = functools.partial(contextvars.copy_context().run, self._call)
         try:
-            return await loop.run_in_executor(self._executor, self._call, function, args)
+            return await loop.run_in_executor(self._executor, call, function, args)
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(str(exc)) from None
 
     def _call(self, function, args):
         if self._connection is None:
-            self._connection = connect(self._path, self._timeout)
+            self._connection = tracing.traced_sqlite(connect(self._path, self._timeout))
         return function(self._connection, *args)
 
     # -- refund --------------------------------------------------------------
