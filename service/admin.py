@@ -1199,6 +1199,10 @@ def main(argv: list[str] | None = None) -> int:
     url = config.database_url(getattr(args, "database_url", None))
     try:
         args.run(args, url)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try
+        return 0
+    except BrokenPipeError:  # the reader left (`refund-admin merchant show ... | head -1`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     except AdminError as exc:
         message, code = str(exc), exc.exit_code

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -496,6 +498,19 @@ def test_merchant_show_lists_keys_and_balances(database_url, capsys):
     assert "merchant 3000001 'Example Shop Ltd' ACTIVE" in out
     assert "2026-11  active" in out
     assert "HKD 1000.00" in out and "JPY 50000" in out
+
+
+def test_output_into_a_closed_pipe_is_no_error(sqlite_url):
+    """`refund-admin merchant show ID | head -1`: the reader leaves early; no traceback, no
+    "unexpected error (BrokenPipeError)", exit 0. Here the pipe is closed before anything is written."""
+    assert admin(sqlite_url, "load", str(FIXTURES)) == 0
+    command = [str(Path(sys.executable).parent / "refund-admin"), "--database-url", sqlite_url,
+               "merchant", "show", "3000001"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    errors = process.stderr.read().decode()
+    assert process.wait(60) == 0, errors
+    assert errors == ""
 
 
 def test_balance_shows_unsettled_balances(database_url, capsys):

@@ -15,11 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
+
+from gateway_edge.client import AnswerNotGenuine, RefundClient
 
 pytest.register_assert_rewrite("tests.edge_fixtures")  # its check_* helpers assert
 
@@ -28,8 +31,11 @@ from tests.edge_fixtures import (  # noqa: E402  (after register_assert_rewrite)
     EXAMPLE_KEY_PEM,
     EXAMPLE_PUB_PEM,
     check_answer,
+    example_key,
+    generated_key,
     http_request,
     load_document,
+    public_pem,
 )
 
 pytest_plugins = ("tests.edge_fixtures",)  # start_edge, fake_backend
@@ -123,6 +129,37 @@ def test_the_command_refund_admin_demo_prints_is_a_working_refund(sqlite_url, st
     assert _answer(refund.stdout)[1]["responseCode"] == "0000"
 
 
+def test_refund_client_library_refunds_queries_and_checks_the_gateway_signature(sqlite_url, start_service,
+                                                                                 start_edge, tmp_path):
+    load_document(sqlite_url, example_fixtures())
+    gateway_key = generated_key("gateway")
+    key_path, public_path, other_path = tmp_path / "gateway.key.pem", tmp_path / "gateway.pub.pem", tmp_path / "x.pem"
+    key_path.write_bytes(gateway_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    public_path.write_text(public_pem(gateway_key))
+    other_path.write_text(public_pem(generated_key("not the gateway")))
+    edge = start_edge(start_service(sqlite_url).address, "--signing-key", str(key_path))
+    client = RefundClient(edge.url, merchant_id=3000001, key=str(EXAMPLE_KEY_PEM), gateway_public_key=public_path)
+
+    first = client.refund(order_id=1076, amount=Decimal("76.19"), idempotency_key="library-1")
+    assert (first.status, first.response_code) == (200, "0000")
+    assert first.json["transaction"]["amount"] == Decimal("76.19") and first.request_id
+    again = client.refund(order_id=1076, amount="76.19", idempotency_key="library-1")
+    assert again.body == first.body  # the stored answer, byte for byte
+    declined = client.refund(merchant_reference="s22tring", amount="76.19")
+    assert (declined.status, declined.response_code) == (200, "3003")
+    order = client.query(merchant_reference="s22tring", timestamp=True).json
+    assert order["order"]["status"] == "REFUNDED" and [t["type"] for t in order["transactions"]] == ["SALE", "REFUND"]
+
+    with pytest.raises(TypeError, match="never a float"):
+        client.refund(order_id=1077, amount=76.19)
+    with pytest.raises(ValueError, match="order_id or merchant_reference"):
+        client.refund(amount="1.00")
+    impostor_check = RefundClient(edge.url, merchant_id="3000001", key=example_key(), gateway_public_key=other_path)
+    with pytest.raises(AnswerNotGenuine):
+        impostor_check.query(order_id=1076)
+
+
 # -- the openssl + curl recipe of docs/edge.md ------------------------------------------
 
 
@@ -134,12 +171,22 @@ def documented_recipe() -> str:
 
 
 @pytest.mark.skipif(not (shutil.which("curl") and shutil.which("openssl")), reason="needs curl and openssl")
-def test_the_documented_openssl_and_curl_recipe_refunds(edge):
+def test_the_documented_openssl_and_curl_recipe_refunds_after_make_run(start_service, start_edge, tmp_path):
+    """What `make run` does (migrate, demo, in the working directory), then the block exactly as
+    documented, run in that directory; only EDGE is set, to this test's edge instead of port 8080."""
+    for command in (["migrate"], ["demo"]):
+        done = run([*script("refund-admin"), *command], cwd=tmp_path,
+                   env={**os.environ, "REFUND_DATABASE_URL": "sqlite:///refund.db"})
+        assert done.returncode == 0, done.stdout + done.stderr
+    edge = start_edge(start_service(f"sqlite:///{tmp_path / 'refund.db'}").address)
+    environment = {key: value for key, value in os.environ.items() if key not in ("KEY", "REQ", "SIG", "BODY")}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", documented_recipe()], capture_output=True, text=True,
-                          timeout=30, env={**os.environ, "EDGE": edge.url, "KEY": str(EXAMPLE_KEY_PEM)})
+                          timeout=30, cwd=tmp_path, env={**environment, "EDGE": edge.url})
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert answer["responseCode"] == "0000" and answer["order"]["id"] == 1076
+    assert answer["responseCode"] == "0000", answer
+    assert answer["order"]["id"] == 4100003 and answer["transaction"]["merchantId"] == 4000001
+    print(done.stdout)
 
 
 # -- run_all: the launcher behind `make run` -------------------------------------------------
