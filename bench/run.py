@@ -23,6 +23,9 @@ What it does, in one run:
    and each stage's share of a signed refund's cost.
 6. Memory: RSS of each process at steady state and over a soak of `--soak`
    seconds. Scale-out: two services and two edges on one PostgreSQL.
+7. With --tracing: the cost of OpenTelemetry tracing, signed refunds at the
+   edge on PostgreSQL with tracing off, then on (every request sampled,
+   exported over OTLP/gRPC to a sink in this process), fresh processes each.
 
 The report is printed and written to bench-report.md and bench-report.json.
 """
@@ -137,14 +140,75 @@ class Process:
         self.log_path.unlink(missing_ok=True)
 
 
-def start_service(url: str) -> Process:
+# The processes run with no OTEL_* variable (tracing off) unless a run sets them.
+_NO_TRACING = {name: "" for name in os.environ if name.startswith("OTEL_")}
+
+
+def start_service(url: str, env: dict | None = None) -> Process:
     return Process("service", [str(BIN / "refund-service")], r"listening on (\S+)",
-                   {"REFUND_DATABASE_URL": url, "REFUND_GRPC_LISTEN": "127.0.0.1:0"})
+                   {**_NO_TRACING, "REFUND_DATABASE_URL": url, "REFUND_GRPC_LISTEN": "127.0.0.1:0", **(env or {})})
 
 
-def start_edge(target: str) -> Process:
+def start_edge(target: str, env: dict | None = None) -> Process:
     return Process("edge", [str(BIN / "refund-edge"), "--listen", "127.0.0.1:0", "--grpc-target", target,
-                            "--log-level", "warning"], r"refund-edge listening on (\S+)")
+                            "--log-level", "warning"], r"refund-edge listening on (\S+)", {**_NO_TRACING, **(env or {})})
+
+
+class OtlpSink:
+    """An OTLP/gRPC trace receiver that counts spans and keeps nothing: where the
+    traced processes export to (its CPU is this process's, not theirs)."""
+
+    def __init__(self):
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        sink = self
+
+        class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                sink.spans += sum(len(scope.spans) for resource_spans in request.resource_spans
+                                  for scope in resource_spans.scope_spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.spans = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def environment(self) -> dict:
+        """Tracing on, every request sampled, exported here."""
+        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_TRACES_SAMPLER": "always_on"}
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+def tracing_cost(url: str, bodies: dict[str, Path], duration: float, pg: Postgres) -> dict:
+    """Signed refunds at the edge, 32 connections, tracing off then on (fresh processes each)."""
+    sink = OtlpSink()
+    results = {}
+    try:
+        for mode, env in (("off", {}), ("on", sink.environment())):
+            service = start_service(url, env)
+            edge = start_edge(service.address, env)
+            try:
+                wrk_result(wrk(edge.address, bodies[f"warm-trace-{mode}"], 8, 2))
+                result = measure("edge", lambda: edge_run([edge], bodies[f"trace-{mode}"], 32, duration),
+                                 {"edge": [edge], "service": [service]}, pg)
+            finally:
+                edge.stop()
+                service.stop()
+            result.update(database="postgres", path="edge", concurrency=32, instances=1, tracing=mode)
+            results[mode] = result
+            log(f"tracing {mode:3}: {show(result)}")
+        results["spans_exported"] = sink.spans
+    finally:
+        sink.stop()
+    return results
 
 
 # -- PostgreSQL ---------------------------------------------------------------
@@ -560,6 +624,10 @@ def run(args) -> dict:
             "floor-chain-warm": layout.add("floor-chain-warm", 2000, True),
             "floor-chain": layout.add("floor-chain", edge_size, True),
         }
+        if args.tracing:
+            for mode in ("off", "on"):
+                slices[f"warm-trace-{mode}"] = layout.add(f"warm-trace-{mode}", 2000, True)
+                slices[f"trace-{mode}"] = layout.add(f"trace-{mode}", edge_size, True)
         if args.profile:
             slices["profile-edge"] = layout.add("profile-edge", edge_size, True)
             slices["profile-grpc"] = layout.add("profile-grpc", grpc_size, False)
@@ -574,7 +642,7 @@ def run(args) -> dict:
 
         per_db_slices = {
             "sqlite": [s for n, s in slices.items() if not n.endswith("scale") and n not in ("soak", "floor-grpc")
-                       and not n.startswith(("profile", "floor-chain"))],
+                       and not n.startswith(("profile", "floor-chain", "trace", "warm-trace"))],
             "postgres": [s for n, s in slices.items() if n != "floor-grpc"],
         }
         urls, loaders = {}, []
@@ -643,6 +711,12 @@ def run(args) -> dict:
             for process in (edge, service):
                 process.stop()
                 processes.remove(process)
+
+        if args.tracing:
+            if "postgres" in urls:
+                report["tracing"] = tracing_cost(urls["postgres"], bodies, duration, pg)
+            else:
+                log("--tracing measures on PostgreSQL: add it to --databases")
 
         if "postgres" in urls and not args.skip_scaleout:
             services = [start_service(urls["postgres"]) for _ in range(2)]
@@ -904,6 +978,20 @@ def markdown(report: dict) -> str:
                          f"{sk[name]['after_first_fifth_mib']:.1f} after the first fifth, {sk[name]['end_mib']:.1f} at "
                          f"the end ({sk[name]['growth_mib']:+.1f} in all, {sk[name]['growth_after_first_fifth_mib']:+.1f} "
                          f"after the first fifth), at most {sk[name]['max_mib']:.1f}.")
+    if report.get("tracing"):
+        t = report["tracing"]
+        lines += ["", "## Tracing off and on (signed refunds at the edge, PostgreSQL, 32 connections)", "",
+                  "Fresh processes for each; on: OTEL_TRACES_EXPORTER=otlp, every request sampled "
+                  f"(OTEL_TRACES_SAMPLER=always_on), {t['spans_exported']} spans exported to an OTLP sink in the bench.",
+                  "", "| tracing | refunds/s | p50 ms | p99 ms | edge us | service us | total us |", "|---|---|---|---|---|---|---|"]
+        for mode in ("off", "on"):
+            r = t[mode]
+            lines.append(f"| {mode} | {r['rate']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                         f"{r['cpu_us'].get('edge', 0):.0f} | {r['cpu_us']['service']:.0f} | {r['cpu_total_us']:.0f} |")
+        off, on = t["off"], t["on"]
+        lines.append(f"\nOn costs {on['cpu_total_us'] - off['cpu_total_us']:+.0f} us of CPU per refund "
+                     f"({(on['cpu_total_us'] / off['cpu_total_us'] - 1) * 100:+.0f}%) and "
+                     f"{(on['rate'] / off['rate'] - 1) * 100:+.0f}% throughput.")
     if report.get("profiles"):
         lines += ["", "## Profiles (py-spy, PostgreSQL, 32 in flight; self time)", ""]
         for name, prof in report["profiles"].items():
@@ -931,6 +1019,8 @@ def main(argv=None) -> int:
                         help="gRPC load generator: bench/loadgen_grpc.mjs (Node.js http2, the default when node is "
                              "installed) or bench/loadgen_grpc.py (grpc.aio)")
     parser.add_argument("--skip-scaleout", action="store_true")
+    parser.add_argument("--tracing", action="store_true",
+                        help="also measure OpenTelemetry tracing on (100%% sampled, OTLP) against off, on PostgreSQL")
     parser.add_argument("--profile", metavar="DIR", help="also run py-spy on the service and the edge; stacks to DIR")
     parser.add_argument("--report", default="bench-report", help="report file stem (default bench-report: .md, .json)")
     args = parser.parse_args(argv)
