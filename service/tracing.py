@@ -10,7 +10,8 @@ configuration: `OTEL_SERVICE_NAME` (default: the process's name),
 certificates, timeout), `OTEL_BSP_*` (batching), `OTEL_PROPAGATORS`.
 
 What is traced, by the maintained instrumentations:
-- refund-edge: a server span per HTTP request (`opentelemetry-instrumentation-asgi`;
+- refund-edge: a server span per HTTP request, the root of a new trace (a
+  merchant's `traceparent` is ignored) (`opentelemetry-instrumentation-asgi`;
   /healthz and /metrics excluded), and a client span per gRPC call with the
   W3C `traceparent` in its metadata (`opentelemetry-instrumentation-grpc`);
 - refund-service: a server span per gRPC call, child of the edge's client span
@@ -38,6 +39,9 @@ ENABLED = False
 REQUEST_ID_ATTRIBUTE = "refund.request_id"
 RESPONSE_CODE_ATTRIBUTE = "refund.response_code"
 EXCLUDED_URLS = "/healthz,/metrics"  # polled by machines: no trace for them
+# Merchants are outside the gateway: a trace context they send is not continued (else
+# they would choose which requests are sampled, and could join traces of their choosing).
+UNTRUSTED_CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 EXPORTERS = ("otlp", "console", "none")
 
 _provider = None
@@ -146,8 +150,16 @@ def wrap_asgi(app):
         return app
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-    return OpenTelemetryMiddleware(app, excluded_urls=EXCLUDED_URLS, tracer_provider=_provider,
-                                   exclude_spans=["receive", "send"])
+    traced = OpenTelemetryMiddleware(app, excluded_urls=EXCLUDED_URLS, tracer_provider=_provider,
+                                     exclude_spans=["receive", "send"])
+
+    async def each_request_its_own_trace(scope, receive, send):
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [(name, value) for name, value in scope["headers"]
+                                          if name not in UNTRUSTED_CONTEXT_HEADERS]}
+        await traced(scope, receive, send)
+
+    return each_request_its_own_trace
 
 
 def traced_sqlite(connection):

@@ -20,6 +20,9 @@ def example_fixtures() -> dict:
 
 CARD_NUMBER = "4111111111111111"
 REQUEST_ID = "trace-test-0001"
+# A trace context a merchant sends, sampled: the edge must not continue it.
+MERCHANT_TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+MERCHANT_TRACEPARENT = f"00-{MERCHANT_TRACE_ID:032x}-b7ad6b7169203331-01"
 
 
 def refund_body(order_id: int = 1076, amount: str = "76.19") -> tuple[bytes, str]:
@@ -35,7 +38,8 @@ async def call_asgi(app, body: bytes) -> tuple[int, bytes]:
              "scheme": "http", "path": "/direct/refund", "raw_path": b"/direct/refund", "query_string": b"",
              "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
              "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode()), (b"x-request-id", REQUEST_ID.encode())]}
+                         (b"content-length", str(len(body)).encode()), (b"x-request-id", REQUEST_ID.encode()),
+                         (b"traceparent", MERCHANT_TRACEPARENT.encode())]}
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent = []
 

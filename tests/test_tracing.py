@@ -32,6 +32,7 @@ from tests.conftest import ROOT  # noqa: E402
 from tests.edge_fixtures import load_document  # noqa: E402
 from tests.in_process import (  # noqa: E402
     CARD_NUMBER,
+    MERCHANT_TRACE_ID,
     REQUEST_ID,
     example_fixtures,
     refund_body,
@@ -71,6 +72,7 @@ def test_one_signed_refund_is_one_trace_from_the_edge_to_the_database(database_u
     statements = [s for s in spans if "db.statement" in s.attributes or "db.query.text" in s.attributes]
 
     assert edge.name == "POST /direct/refund"
+    assert edge.context.trace_id != MERCHANT_TRACE_ID  # a new trace: the merchant's traceparent is not continued
     assert client.parent.span_id == edge.context.span_id
     assert server.parent.span_id == client.context.span_id and server.parent.is_remote  # through the metadata
     assert statements, [span.name for span in spans]
