@@ -187,3 +187,15 @@ def test_the_processes_trace_across_the_wire_when_otel_variables_say_so(sqlite_u
         == REQUEST_ID
     everything = edge.output() + service.output()
     assert CARD_NUMBER not in everything and signature not in everything
+
+
+@pytest.mark.parametrize("module", ["service.server", "gateway_edge.server"])
+def test_an_unusable_otel_setting_stops_the_process_at_start_with_a_message(sqlite_url, module):
+    environment = {**os.environ, "REFUND_DATABASE_URL": sqlite_url, "REFUND_GRPC_LISTEN": "127.0.0.1:0",
+                   "REFUND_HTTP_LISTEN": "127.0.0.1:0", "OTEL_TRACES_EXPORTER": "otlp",
+                   "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    done = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=environment)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot set up tracing" in done.stderr and "OTLP over gRPC only" in done.stderr
+    assert "Traceback" not in done.stderr
