@@ -7,7 +7,6 @@ file, then a PostgreSQL database of its own.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
