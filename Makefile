@@ -49,4 +49,4 @@ bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=30
 	$(PY) -m bench.run --soak $(SOAK) $(BENCH_ARGS)
 
 clean: ## remove the virtual environment, generated code and local databases
-	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info refund.db refund.db-wal refund.db-shm demo
+	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info build dist refund.db refund.db-wal refund.db-shm demo
