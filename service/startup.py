@@ -161,11 +161,11 @@ def install_json_excepthooks(log: logging.Logger) -> None:
 @functools.lru_cache(maxsize=1)
 def code_heads_and_known() -> tuple[frozenset[str], frozenset[str]]:
     """This version's migration heads and every revision it knows, from service/migrations."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # no "setup plugin" lines
     from alembic.script import ScriptDirectory
 
     from service import db
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # no "setup plugin" lines
     script = ScriptDirectory.from_config(db.alembic_config("sqlite://"))
     return frozenset(script.get_heads()), frozenset(revision.revision for revision in script.walk_revisions())
 
