@@ -1096,8 +1096,8 @@ def _check_url(url: str, command: str) -> None:
     if url.startswith("sqlite") and command != "migrate":
         path = sa.make_url(url).database
         if not os.path.isfile(path):
-            raise AdminError(f"no SQLite database file at {path}: run `refund-admin migrate` first (it creates the file)",
-                             EXIT_DATABASE)
+            raise AdminError(f"no SQLite database file at {path}: run `refund-admin migrate` first "
+                             "(it creates the file)", EXIT_DATABASE)
 
 
 def build_parser() -> argparse.ArgumentParser:
