@@ -148,10 +148,12 @@ async def _serve(args, store, tls, waiting: bool) -> int:
         tasks.append(asyncio.create_task(_follow_tls_files(tls, args.tls_reload_interval)))
         loop.add_signal_handler(signal.SIGHUP, lambda: tls.reload_if_changed(forced=True))
     stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    failure, pending = None, {stopping, *tasks}
+    while failure is None and not stopping.done():  # until a signal, or a task fails (a task may also just end)
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        failure = next((task.exception() for task in done if task is not stopping and task.exception()), None)
     for task in tasks:
         task.cancel()
-    failure = next((task.exception() for task in done if task is not stopping and not task.cancelled()), None)
     if failure is not None:
         stopping.cancel()
         error = failure if isinstance(failure, StartupError) else StartupError(
