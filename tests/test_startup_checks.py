@@ -18,14 +18,22 @@ import sqlalchemy as sa
 pytest.register_assert_rewrite("tests.edge_fixtures", "tests.beyond_fixtures")
 
 from service import db  # noqa: E402
-from service.startup import EXIT_DATABASE, EXIT_SCHEMA, EXIT_TLS, EXIT_USAGE, code_heads_and_known  # noqa: E402
 from tests.beyond_fixtures import Pki  # noqa: E402
 from tests.conftest import PG_ADMIN_URL, ROOT, _postgres_or_skip  # noqa: E402
 
 pytest_plugins = ("tests.edge_fixtures",)
 
+# The documented exit statuses (docs/operations.md, "Exit status").
+EXIT_USAGE, EXIT_DATABASE, EXIT_SCHEMA, EXIT_TLS = 2, 3, 4, 5
 
-def run(module: str, *args: str, env: dict | None = None, timeout: float = 60) -> tuple[int, list[dict], str]:
+
+def migration_scripts():
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(db.alembic_config("sqlite://"))
+
+
+def run(module: str, *args: str, env: dict | None = None, timeout: float = 30) -> tuple[int, list[dict], str]:
     """Run a process that is expected to stop by itself: (exit status, its output
     lines parsed as JSON objects, the raw output); fails if any line is not JSON."""
     environment = {**os.environ, "REFUND_GRPC_LISTEN": "127.0.0.1:0", "REFUND_HTTP_LISTEN": "127.0.0.1:0",
@@ -94,22 +102,19 @@ def test_a_database_without_the_refund_schema_exits_4(tmp_path):
     service_refused(f"sqlite:///{path}", exit_code=EXIT_SCHEMA, says="has no refund schema")
 
 
-def _one_revision_behind_head() -> str:
-    from alembic.script import ScriptDirectory
-
-    heads, _ = code_heads_and_known()
-    (head,) = heads
-    previous = ScriptDirectory.from_config(db.alembic_config("sqlite://")).get_revision(head).down_revision
+def _head_and_the_revision_before() -> tuple[str, str]:
+    scripts = migration_scripts()
+    (head,) = scripts.get_heads()
+    previous = scripts.get_revision(head).down_revision
     assert isinstance(previous, str), "the newest migration has one parent"
-    return previous
+    return head, previous
 
 
 def test_a_schema_behind_the_codes_alembic_head_exits_4(database_url):
     from alembic import command
 
-    previous = _one_revision_behind_head()
+    head, previous = _head_and_the_revision_before()
     command.downgrade(db.alembic_config(database_url), previous)
-    (head,) = code_heads_and_known()[0]
     service_refused(database_url, exit_code=EXIT_SCHEMA,
                     says=f"is at schema revision {previous}, behind this version's {head}")
 
