@@ -71,8 +71,7 @@ class EdgeServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             scheme = "https" if self.tls else "http"
-            if self.tls:
-                self._tls_task = edge_startup.follow_tls_files(self.tls, self.tls_reload_interval)
+            self._tls_task = edge_startup.follow_tls_files(self.tls, self.tls_reload_interval)
             startup.announce("refund-edge", f"refund-edge listening on {shown(self.sock)} ({scheme})",
                              address=shown(self.sock), scheme=scheme)
 

@@ -61,9 +61,13 @@ def signer(args) -> ResponseSigner | None:
         raise StartupError(f"unusable --signing-key {args.signing_key}: {exc}", EXIT_TLS) from None
 
 
-def follow_tls_files(edge_tls: tls.EdgeTls, interval: float) -> asyncio.Task:
-    """Reload the HTTPS pair when its files change and on SIGHUP (on the running loop)."""
+def follow_tls_files(edge_tls: tls.EdgeTls | None, interval: float) -> asyncio.Task | None:
+    """Reload the HTTPS pair when its files change and on SIGHUP (on the running loop).
+    Without HTTPS, SIGHUP is only logged: it means "reload", never "stop"."""
     loop = asyncio.get_running_loop()
+    if edge_tls is None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: no TLS files to reload"))
+        return None
     loop.add_signal_handler(signal.SIGHUP, lambda: edge_tls.reload_if_changed(forced=True))
 
     async def poll():

@@ -147,6 +147,8 @@ async def _serve(args, store, tls, waiting: bool) -> int:
     if tls:
         tasks.append(asyncio.create_task(_follow_tls_files(tls, args.tls_reload_interval)))
         loop.add_signal_handler(signal.SIGHUP, lambda: tls.reload_if_changed(forced=True))
+    else:  # SIGHUP means "reload": never let it stop the process
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: no TLS files to reload"))
     stopping = asyncio.create_task(stop.wait())
     failure, pending = None, {stopping, *tasks}
     while failure is None and not stopping.done():  # until a signal, or a task fails (a task may also just end)

@@ -276,3 +276,15 @@ def test_refund_client_trusts_a_private_ca_with_cacert(sqlite_url, start_service
     trusted = subprocess.run([*command, "--cacert", str(pki.ca_path)], cwd=ROOT, capture_output=True, text=True,
                              timeout=60)
     assert trusted.returncode == 0 and '"responseCode":"0000"' in trusted.stdout, trusted.stdout + trusted.stderr
+
+
+def test_sighup_means_reload_and_never_stops_a_plaintext_service_or_edge(sqlite_url, start_service, start_edge):
+    service = start_service(sqlite_url)
+    edge = start_edge(service.address)
+    for process in (service, edge):
+        process.process.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert service.process.poll() is None and edge.process.poll() is None
+    assert edge.request("GET", "/healthz").status == 200
+    for process in (service, edge):
+        assert "SIGHUP: no TLS files to reload" in process.output()
