@@ -1235,7 +1235,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         message, code = "interrupted", 130
     except Exception as exc:  # never a stack trace for an operator
-        message, code = f"unexpected error ({type(exc).__name__}): {_without_password(str(exc), url)}", EXIT_REFUSED
+        first_line = next(iter(str(exc).splitlines()), "")
+        message, code = f"unexpected error ({type(exc).__name__}): {_without_password(first_line, url)}", EXIT_REFUSED
     print(f"refund-admin: {message}", file=sys.stderr)
     return code
 
