@@ -74,9 +74,9 @@ def _rejected_handshakes(sqlite_url, start_service, start_edge, pki, env):
     return service, edge
 
 
-def test_rejected_handshakes_add_no_free_text_lines_even_with_grpc_tracing_asked_for(
-        sqlite_url, start_service, start_edge, pki):
-    service, edge = _rejected_handshakes(sqlite_url, start_service, start_edge, pki, NOISY_GRPC)
+@pytest.mark.parametrize("env", [{}, NOISY_GRPC], ids=["default", "grpc-tracing-asked-for"])
+def test_rejected_handshakes_add_no_free_text_lines_to_the_output(env, sqlite_url, start_service, start_edge, pki):
+    service, edge = _rejected_handshakes(sqlite_url, start_service, start_edge, pki, env)
     service.stop()
     edge.stop()
     for process in (service, edge):
