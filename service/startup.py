@@ -34,7 +34,7 @@ import time
 import urllib.parse
 from typing import Callable, NoReturn, TypeVar
 
-from service import config, telemetry
+from service import config
 
 EXIT_STOPPED = 0
 EXIT_FAULT = 1
