@@ -3,6 +3,7 @@ and `RefundClient`, the same as a Python library.
 
     refund-client --key merchant.key.pem --merchant-id 3000001 --order-id 1076 --amount 76.19
     refund-client ... --idempotency-key refund-1076-1 --timestamp
+    refund-client --url https://edge.internal:8443 --cacert private-ca.pem ...
 
 Builds the `request` JSON text (the amount written as a raw JSON number, never
 through a float), signs its UTF-8 bytes with RSASSA-PKCS1-v1_5 / SHA-256,
@@ -27,6 +28,7 @@ import base64
 import json
 import os
 import re
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -86,19 +88,21 @@ def load_private_key(path: str) -> rsa.RSAPrivateKey:
     return key
 
 
-def post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None) -> tuple[int, str, bytes]:
-    """(status, reason, body) of the answer, whatever its status."""
-    answer = _post(url, body, timeout, idempotency_key)
+def post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None,
+         context: ssl.SSLContext | None = None) -> tuple[int, str, bytes]:
+    """(status, reason, body) of the answer, whatever its status; `context` verifies an https:// edge."""
+    answer = _post(url, body, timeout, idempotency_key, context)
     return answer.status, answer.reason, answer.body
 
 
-def _post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None) -> "Answer":
+def _post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None,
+          context: ssl.SSLContext | None = None) -> "Answer":
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return Answer(response.status, response.reason, response.read(), dict(response.headers.items()))
     except urllib.error.HTTPError as error:
         with error:
@@ -178,8 +182,9 @@ class RefundClient:
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, merchant_id: str | int, key, timeout: float = 10.0,
-                 double_base64: bool = False, gateway_public_key=None):
+                 double_base64: bool = False, gateway_public_key=None, cafile: str | None = None):
         self.url = url
+        self._context = ssl.create_default_context(cafile=cafile) if cafile else None  # a private CA for https://
         self.merchant_id = str(merchant_id)
         self.timeout = timeout
         self.double_base64 = double_base64
@@ -213,7 +218,8 @@ class RefundClient:
         moment = datetime.now(timezone.utc).isoformat(timespec="seconds") if timestamp else None
         request = request_text(self.merchant_id, amount, None if order_id is None else str(order_id),
                                merchant_reference, moment)
-        answer = _post(endpoint(self.url, path), self.signed_envelope(request), self.timeout, idempotency_key)
+        answer = _post(endpoint(self.url, path), self.signed_envelope(request), self.timeout, idempotency_key,
+                       self._context)
         if self._gateway_key is not None:
             self._check_genuine(answer)
         return answer
@@ -231,6 +237,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="refund-client", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("REFUND_EDGE_URL") or DEFAULT_URL,
                         help=f"the edge's base URL (env REFUND_EDGE_URL, default {DEFAULT_URL})")
+    parser.add_argument("--cacert", default=os.environ.get("REFUND_EDGE_CACERT"),
+                        help="PEM CA certificate(s) to verify an https:// edge with, e.g. a private CA "
+                             "(env REFUND_EDGE_CACERT; default: the system's trusted CAs)")
     parser.add_argument("--key", required=True, help="the merchant's RSA private key (PEM, unencrypted)")
     parser.add_argument("--merchant-id", required=True, help="e.g. 3000001")
     parser.add_argument("--order-id", help="the gateway's order id")
@@ -256,6 +265,9 @@ def main(argv=None) -> int:
         timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds") if args.timestamp else None
         request = request_text(args.merchant_id, args.amount, args.order_id, args.merchant_reference, timestamp)
         key = load_private_key(args.key)
+        context = ssl.create_default_context(cafile=args.cacert) if args.cacert else None
+    except ssl.SSLError as exc:
+        parser.error(f"--cacert {args.cacert}: no usable PEM certificate ({exc.reason or exc})")
     except (OSError, ValueError, TypeError) as exc:
         parser.error(str(exc))
     body = envelope(request, sign(key, request, args.double_base64))
@@ -264,7 +276,7 @@ def main(argv=None) -> int:
         return 0
     url = endpoint(args.url)
     try:
-        status, reason, answer = post(url, body, args.timeout, args.idempotency_key)
+        status, reason, answer = post(url, body, args.timeout, args.idempotency_key, context)
     except (urllib.error.URLError, OSError) as exc:
         print(f"refund-client: no answer from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 2

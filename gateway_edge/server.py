@@ -11,21 +11,21 @@ mutual TLS to the service (--grpc-tls-*), signed responses (--signing-key).
 
 from __future__ import annotations
 
-import argparse
+from service import native_logs  # noqa: F401  (first: quiets gRPC core before grpc is imported)
+
 import contextlib
 import logging
 import os
 import signal
 import socket
-import ssl
 import sys
 
-import grpc
 import uvicorn
 
+from gateway_edge import startup as edge_startup
 from gateway_edge.app import DEFAULT_BODY_TIMEOUT, DEFAULT_DEADLINE, EdgeApp
-from gateway_edge.signer import ResponseSigner
-from service import telemetry, tracing
+from service import startup, telemetry, tracing
+from service.startup import StartupError
 
 log = logging.getLogger("refund-edge")
 
@@ -60,15 +60,25 @@ class EdgeServer(uvicorn.Server):
     """uvicorn's server, announcing the bound address and exiting 0 after a
     graceful stop (uvicorn re-raises the signal by default)."""
 
-    def __init__(self, config: uvicorn.Config, sock: socket.socket):
+    def __init__(self, config: uvicorn.Config, sock: socket.socket, tls=None, tls_reload_interval: float = 5.0):
         super().__init__(config)
         self.sock = sock
+        self.tls = tls
+        self.tls_reload_interval = tls_reload_interval
+        self._tls_task = None
 
     async def startup(self, sockets=None):
         await super().startup(sockets)
         if self.started:
-            scheme = "https" if self.config.ssl_certfile else "http"
-            print(f"refund-edge listening on {shown(self.sock)} ({scheme})", flush=True)
+            scheme = "https" if self.tls else "http"
+            self._tls_task = edge_startup.follow_tls_files(self.tls, self.tls_reload_interval)
+            startup.announce("refund-edge", f"refund-edge listening on {shown(self.sock)} ({scheme})",
+                             address=shown(self.sock), scheme=scheme)
+
+    async def shutdown(self, sockets=None):
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -83,24 +93,24 @@ class EdgeServer(uvicorn.Server):
 
 def parse_args(argv=None):
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="refund-edge", description=__doc__.splitlines()[0])
+    parser = startup.JsonArgumentParser(prog="refund-edge", description=__doc__.splitlines()[0])
+    from_env, positive = startup.from_env, startup.positive_seconds
     parser.add_argument("--listen", default=env("REFUND_HTTP_LISTEN") or DEFAULT_HTTP_LISTEN,
                         help=f"HOST:PORT to listen on (env REFUND_HTTP_LISTEN, default {DEFAULT_HTTP_LISTEN}; "
                              "port 0 picks a free port)")
     parser.add_argument("--grpc-target", default=env("REFUND_GRPC_TARGET") or DEFAULT_GRPC_TARGET,
                         help=f"refund-service address (env REFUND_GRPC_TARGET, default {DEFAULT_GRPC_TARGET})")
-    parser.add_argument("--deadline", type=float, default=env("REFUND_EDGE_DEADLINE") or str(DEFAULT_DEADLINE),
+    parser.add_argument("--deadline", type=positive,
+                        default=from_env(parser, "REFUND_EDGE_DEADLINE", positive, DEFAULT_DEADLINE),
                         help="seconds a call to refund-service may take before the answer is 9001 "
                              f"(env REFUND_EDGE_DEADLINE, default {DEFAULT_DEADLINE:g})")
-    parser.add_argument("--body-timeout", type=float,
-                        default=env("REFUND_EDGE_BODY_TIMEOUT") or str(DEFAULT_BODY_TIMEOUT),
+    parser.add_argument("--body-timeout", type=positive,
+                        default=from_env(parser, "REFUND_EDGE_BODY_TIMEOUT", positive, DEFAULT_BODY_TIMEOUT),
                         help="seconds a client may take to send the request body before the answer is 408 "
                              f"(env REFUND_EDGE_BODY_TIMEOUT, default {DEFAULT_BODY_TIMEOUT:g})")
     parser.add_argument("--access-log", action="store_true",
                         help="also log uvicorn's access line for every request (off by default)")
-    parser.add_argument("--log-level", default=env("REFUND_LOG_LEVEL") or "info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="info logs one line per merchant request (env REFUND_LOG_LEVEL, default info)")
+    startup.add_log_level(parser, "one line per merchant request")
     parser.add_argument("--signing-key", default=env("REFUND_EDGE_SIGNING_KEY"),
                         help="PEM RSA private key to sign every response with (X-Signature); made by "
                              "`refund-admin gateway-key create` (env REFUND_EDGE_SIGNING_KEY; default: unsigned)")
@@ -108,6 +118,14 @@ def parse_args(argv=None):
                         help="PEM certificate (chain) to serve HTTPS with (env REFUND_EDGE_TLS_CERT; default HTTP)")
     parser.add_argument("--tls-key", default=env("REFUND_EDGE_TLS_KEY"),
                         help="PEM private key of --tls-cert (env REFUND_EDGE_TLS_KEY)")
+    parser.add_argument("--tls-reload-interval", type=positive,
+                        default=from_env(parser, "REFUND_TLS_RELOAD_INTERVAL", positive, 5.0),
+                        help="seconds between looks at --tls-cert/--tls-key; changed files are used for new "
+                             "handshakes (also on SIGHUP) (env REFUND_TLS_RELOAD_INTERVAL, default 5)")
+    parser.add_argument("--allow-expired-certificate", action="store_true",
+                        default=from_env(parser, "REFUND_ALLOW_EXPIRED_CERTIFICATE", startup.flag, False),
+                        help="use an expired certificate (with a warning) instead of exiting 5 "
+                             "(env REFUND_ALLOW_EXPIRED_CERTIFICATE=1)")
     parser.add_argument("--grpc-tls-ca", default=env("REFUND_EDGE_GRPC_TLS_CA"),
                         help="PEM CA certificate(s) to verify refund-service with; turns on TLS to the service "
                              "(env REFUND_EDGE_GRPC_TLS_CA)")
@@ -117,8 +135,6 @@ def parse_args(argv=None):
     parser.add_argument("--grpc-tls-key", default=env("REFUND_EDGE_GRPC_TLS_KEY"),
                         help="PEM private key of --grpc-tls-cert (env REFUND_EDGE_GRPC_TLS_KEY)")
     args = parser.parse_args(argv)
-    if not args.deadline > 0 or not args.body_timeout > 0:
-        parser.error("--deadline and --body-timeout must be positive numbers of seconds")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
@@ -132,56 +148,39 @@ def parse_args(argv=None):
     return args
 
 
-def grpc_credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
-    """TLS to refund-service from PEM files (None: plaintext); with a client certificate for mutual TLS."""
-    if not ca:
-        return None
-    with open(ca, "rb") as root:
-        root_certificates = root.read()
-    private_key = certificate_chain = None
-    if cert:
-        with open(key, "rb") as key_file, open(cert, "rb") as cert_file:
-            private_key, certificate_chain = key_file.read(), cert_file.read()
-    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-
-
 def main(argv=None) -> int:
+    telemetry.configure_logging("info")
+    startup.install_json_excepthooks(log)
     args = parse_args(argv)
     telemetry.configure_logging(args.log_level)
     if not tracing.start_from_environment("refund-edge"):  # off unless OTEL_* asks (docs/operations.md)
-        return 1
+        return startup.EXIT_USAGE  # an unusable OTEL_* value, logged
     try:
-        signer = ResponseSigner.from_file(args.signing_key) if args.signing_key else None
-        credentials = grpc_credentials(args.grpc_tls_ca, args.grpc_tls_cert, args.grpc_tls_key)
-        if args.tls_cert:  # uvicorn loads them again; a bad pair is refused here with a message
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
-    except ssl.SSLError as exc:
-        log.error("unusable --tls-cert/--tls-key: %s", exc.reason or exc)
-        return 1
-    except OSError as exc:
-        log.error("cannot read %s: %s", exc.filename, exc.strerror)
-        return 1
-    except (ValueError, TypeError) as exc:  # not a PEM private key, or not RSA
-        log.error("unusable --signing-key %s: %s", args.signing_key, exc)
-        return 1
+        signer = edge_startup.signer(args)
+        credentials = edge_startup.grpc_credentials(args)
+        edge_tls = edge_startup.https(args)
+    except StartupError as exc:
+        return startup.refuse(log, exc)
     try:
         sock = bind(args.listen)
     except OSError as exc:
-        log.error("cannot listen on %s: %s", args.listen, exc)
-        return 1
+        return startup.refuse(log, StartupError(f"cannot listen on {args.listen}: {exc}", startup.EXIT_FAULT))
     app = tracing.wrap_asgi(EdgeApp(args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout,
                                     signer=signer, grpc_credentials=credentials))
     config = uvicorn.Config(
         app, loop="uvloop", http="httptools", ws="none", lifespan="on", interface="asgi3",
         log_config=None, log_level=args.log_level, access_log=args.access_log,
-        server_header=False, proxy_headers=False, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+        server_header=False, proxy_headers=False,
         # In-flight requests are bounded by the body timeout and the deadline; give them that and a little more.
         timeout_graceful_shutdown=int(args.body_timeout + args.deadline) + 2,
     )
+    config.load()
+    if edge_tls:
+        config.ssl = edge_tls.context  # our policy, and the certificate follows its files (service.tls)
     log.info("calling refund-service at %s (%s) with a %.3gs deadline; responses %s", args.grpc_target,
              "plaintext" if credentials is None else "mutual TLS" if args.grpc_tls_cert else "TLS", args.deadline,
              "signed" if signer else "unsigned")
-    EdgeServer(config, sock).run(sockets=[sock])
+    EdgeServer(config, sock, edge_tls, args.tls_reload_interval).run(sockets=[sock])
     return 0
 
 

@@ -1078,12 +1078,34 @@ def cmd_purge_idempotency(args, url: str) -> None:
 # -- command line ------------------------------------------------------------
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit status 2 (not argparse's usage text)."""
+
+    def error(self, message: str):
+        print(f"refund-admin: bad input: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _check_url(url: str, command: str) -> None:
+    """A URL of the expected form (else bad input, 2); for any command but `migrate`, an
+    existing SQLite file (else 3): only `refund-admin migrate` creates a database file."""
+    try:
+        config.check_database_url(url)
+    except ValueError as exc:
+        raise AdminError(str(exc), EXIT_BAD_INPUT) from None
+    if url.startswith("sqlite") and command != "migrate":
+        path = sa.make_url(url).database
+        if not os.path.isfile(path):
+            raise AdminError(f"no SQLite database file at {path}: run `refund-admin migrate` first "
+                             "(it creates the file)", EXIT_DATABASE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --database-url is accepted before or after the subcommand.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL",
                         help="SQLAlchemy database URL (default: $REFUND_DATABASE_URL, else sqlite:///refund.db)")
-    parser = argparse.ArgumentParser(prog="refund-admin", parents=[common],
+    parser = _OneLineParser(prog="refund-admin", parents=[common],
                                      description="Operate the refund service: schema, data, merchants and keys.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -1198,6 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_with_balance_show(list(sys.argv[1:] if argv is None else argv)))
     url = config.database_url(getattr(args, "database_url", None))
     try:
+        _check_url(url, args.command)
         args.run(args, url)
         sys.stdout.flush()  # a closed pipe shows here, inside the try
         return 0
@@ -1216,7 +1239,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         message, code = "interrupted", 130
     except Exception as exc:  # never a stack trace for an operator
-        message, code = f"unexpected error ({type(exc).__name__}): {_without_password(str(exc), url)}", EXIT_REFUSED
+        first_line = next(iter(str(exc).splitlines()), "")
+        message, code = f"unexpected error ({type(exc).__name__}): {_without_password(first_line, url)}", EXIT_REFUSED
     print(f"refund-admin: {message}", file=sys.stderr)
     return code
 

@@ -15,6 +15,7 @@ import asyncio
 import contextvars
 import functools
 import sqlite3
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, replace
 from datetime import datetime, timezone
@@ -89,7 +90,10 @@ def _transaction(row) -> domain.Transaction:
 
 
 def connect(path: str, timeout: float = 5.0) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    """A connection to the existing database file `path` (never creating one: that is
+    `refund-admin migrate`'s job; a missing file is sqlite3.OperationalError)."""
+    connection = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=rw", uri=True, timeout=timeout,
+                                 isolation_level=None, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA foreign_keys=ON")

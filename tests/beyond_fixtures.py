@@ -180,16 +180,18 @@ class Pki:
         ca_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(directory, key, cert, ca_path)
 
-    def issue(self, name: str, *, server: bool) -> tuple[Path, Path]:
+    def issue(self, name: str, *, server: bool, valid_for: dt.timedelta = dt.timedelta(days=1)) -> tuple[Path, Path]:
         """(certificate file, key file) for `name`: a server certificate for
-        127.0.0.1 and localhost, or a client certificate."""
+        127.0.0.1 and localhost, or a client certificate; valid from 5 minutes ago
+        for `valid_for` (a negative one makes an expired certificate)."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         now = dt.datetime.now(dt.timezone.utc)
+        not_before = min(now - dt.timedelta(minutes=5), now + valid_for - dt.timedelta(days=1))
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                    .issuer_name(self.ca_cert.subject).public_key(key.public_key())
                    .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                   .not_valid_before(not_before).not_valid_after(now + valid_for)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage(
                        [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -30,12 +30,10 @@ class InProcessService:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     async def _start(self, database_url, db_timeout, store_options):
-        from grpc_health.v1 import health_pb2
-
         store = await open_store(database_url, command_timeout=db_timeout, **store_options)
         server, health, port = await create_server("127.0.0.1:0", store, db_timeout=db_timeout)
         await server.start()
-        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health.set_ready(True)
         return store, server, health, port
 
     def close(self):

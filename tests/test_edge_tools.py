@@ -252,7 +252,10 @@ def test_run_all_starts_service_and_edge_and_ctrl_c_stops_both(launcher):
                          signed_body(example_key(), '{"merchantId":"3000001","orderId":1076,"amount":76.19}'),
                          {"Content-Type": "application/json"})
     check_answer(reply, "0000", 200)
-    assert "[service] refund-service listening on" in gateway.output()
+    assert re.search(r"^\[service\] \{.*refund-service listening on", gateway.output(), re.MULTILINE)
+    for line in gateway.output().splitlines():  # what the processes print is JSON, line by line
+        if line.startswith(("[service] ", "[edge] ")):
+            assert isinstance(json.loads(line.split("] ", 1)[1]), dict), line
 
     gateway.process.send_signal(signal.SIGINT)
     assert gateway.process.wait(20) == 0, gateway.output()

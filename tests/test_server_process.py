@@ -33,8 +33,8 @@ def test_unknown_database_url_is_refused_with_a_message_not_a_traceback():
     result = subprocess.run([sys.executable, "-m", "service.server", "--listen", "127.0.0.1:0",
                              "--database-url", "mysql://user:secret@localhost/x"],
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
-    assert "sqlite:// or postgresql" in result.stderr
+    assert result.returncode == 2  # a bad setting (docs/operations.md, exit status)
+    assert "sqlite:///PATH" in result.stderr and "postgresql+psycopg://" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "secret" not in result.stderr + result.stdout
 
