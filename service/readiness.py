@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import Counter, Gauge
 
-from service import telemetry
+from service import telemetry, tracing
 from service.startup import StartupError
 from service.store import StoreUnavailable
 
@@ -115,7 +115,8 @@ async def follow_database(health_servicer: ServiceHealth, probe: Callable[[], Aw
     while True:
         reason = ""
         try:
-            await asyncio.wait_for(probe(), timeout)
+            with tracing.untraced():  # a probe is no request: it makes no trace
+                await asyncio.wait_for(probe(), timeout)
             ok = True
         except StartupError as exc:
             if not exc.transient:

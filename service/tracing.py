@@ -29,6 +29,7 @@ the hooks in the request paths read `ENABLED` and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -183,6 +184,15 @@ class _StatementsThroughCursors:
 
     def __getattr__(self, name):
         return getattr(self._connection, name)
+
+
+def untraced():
+    """A context in which nothing is traced (health probes): a no-op when tracing is off."""
+    if not ENABLED:
+        return contextlib.nullcontext()
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    return suppress_instrumentation()
 
 
 def annotate(request_id: str | None, response_code: str | None) -> None:
