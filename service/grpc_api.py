@@ -19,7 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import domain, freshness, metrics, signing
+from service import domain, events, freshness, metrics, signing
 from service.domain import ResponseCode
 from service.store import (
     ClaimState,
@@ -197,6 +197,7 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
         self._claim_lease = timedelta(seconds=max(MIN_CLAIM_LEASE_SECONDS, 2 * db_timeout))
         self._background: set[asyncio.Task] = set()
         self._known = signing.KnownCredentials()
+        self.events = events.EventFeed(store)
 
     async def _call(self, context: grpc.aio.ServicerContext, operation):
         """Run one store operation within the caller's deadline; answer rich errors."""
@@ -418,3 +419,17 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
                                              settlement=settlement_message(made))
 
         return await self._call(context, operation)
+
+    async def WatchEvents(self, request, context):
+        """Server-streaming: service/events.py."""
+        try:
+            await self.events.watch(request, context)
+            return
+        except domain.DomainError as exc:
+            error = RpcError.of(exc.code, exc.message)
+        except (StoreUnavailable, asyncio.TimeoutError) as exc:
+            metrics.database_error("timeout" if isinstance(exc, asyncio.TimeoutError) else "unavailable")
+            error = RpcError.of(ResponseCode.SERVICE_UNAVAILABLE, "the service is unavailable; resume from the "
+                                                                  "last sequence received")
+        status = error.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)

@@ -179,6 +179,8 @@ ledger_entries = sa.Table(
     sa.Column("settlement_id", sa.String(64), nullable=True),
     sa.Column("adjustment_id", sa.String(64), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # The x-request-id of the call that made the movement, when there was one.
+    sa.Column("request_id", sa.String(128), nullable=True),
     sa.CheckConstraint("kind IN ('OPENING', 'SALE', 'REFUND', 'SETTLEMENT', 'ADJUSTMENT')", name="ck_entry_kind"),
     sa.CheckConstraint("amount <> 0", name="ck_entry_amount_not_zero"),
     sa.CheckConstraint(f"amount BETWEEN -{MAX_MINOR_UNITS} AND {MAX_MINOR_UNITS}", name="ck_entry_amount_bound"),
@@ -187,6 +189,29 @@ ledger_entries = sa.Table(
     sa.Index("uq_ledger_entries_transaction", "transaction_id", unique=True),
     sa.Index("uq_ledger_entries_settlement", "settlement_id", unique=True),
     sa.Index("uq_ledger_entries_adjustment", "adjustment_id", unique=True),
+)
+
+# Every journal entry is an event (docs/events.md, migration 0004). The view
+# `events` numbers them: on SQLite its `seq` is the entry's id (one writer at a
+# time: ids are assigned in commit order); on PostgreSQL it is the number
+# `event_sequence` gave it (service/outbox.py), and each entry also keeps the
+# id of the transaction that wrote it (`xact_id`, xid8, by default).
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("entry_id", sa.BigInteger, nullable=False),
+    *(sa.Column(c.name, c.type, nullable=c.nullable) for c in ledger_entries.columns if c.name != "id"),
+    info={"is_view": True},
+)
+
+# The relays' positions: the last sequence each published and the broker confirmed.
+event_relays = sa.Table(
+    "event_relays",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("last_sequence", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 # Settlements paid out (Settle), by the settlement batch's own id: the same id

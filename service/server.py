@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import config, metrics, readiness, startup, telemetry, tracing
+from service import config, events, metrics, readiness, startup, telemetry, tracing
 from service.grpc_api import RefundServicer
 from service.startup import StartupError
 from service.store import StoreUnavailable, open_store
@@ -169,6 +169,7 @@ async def _serve(args, store, tls, waiting: bool) -> int:
     if args.pre_stop > 0:
         await asyncio.sleep(args.pre_stop)
     await health_servicer.end_watches()
+    events.drain()  # WatchEvents streams end (OK); their callers resume elsewhere from their cursor
     await server.stop(args.grace)
     log.info("stopped")
     return startup.EXIT_STOPPED

@@ -30,7 +30,7 @@ from dataclasses import astuple, dataclass, replace
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from service import domain
+from service import domain, outbox, telemetry
 from service.store import (
     BALANCE_TOO_LARGE,
     ORDER_COLUMNS,
@@ -77,8 +77,8 @@ UPDATE balances SET unsettled = unsettled - $3
 WHERE merchant_id = $1 AND currency = $2 AND unsettled >= $3 RETURNING unsettled"""
 JOURNAL = """
 INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id,
-                            settlement_id, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"""
+                            settlement_id, created_at, request_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
 READ_SETTLEMENT = f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE settlement_id = $1"
 INSERT_SETTLEMENT = f"INSERT INTO settlements ({SETTLEMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
 
@@ -95,7 +95,8 @@ def credentials_hold(key: str, timestamped: str) -> str:
 
 # $1 merchant, $2 order, $3 currency, $4 amount, $5 new status, $6 now,
 # $7 requested reference, $8 requested amount text, $9 status the decision read,
-# $10 key id of a signed request (NULL: unsigned), $11 whether it is timestamped
+# $10 key id of a signed request (NULL: unsigned), $11 whether it is timestamped,
+# $12 the request id (for the journal entry, i.e. the event)
 _APPLY_REFUND = """
 WITH marked AS (
     UPDATE orders SET status = $5, update_time = $6
@@ -120,8 +121,9 @@ WITH marked AS (
     INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
     SELECT $1, $2, $7, $8, '0000', refund.id, $6 FROM refund
 ), entry AS (
-    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at)
-    SELECT $1, $3, 'REFUND', -refund.amount, debit.unsettled, $2, refund.id, $6 FROM refund, debit
+    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at,
+                                request_id)
+    SELECT $1, $3, 'REFUND', -refund.amount, debit.unsettled, $2, refund.id, $6, $12::text FROM refund, debit
 )
 SELECT id, masked_pan, stan FROM refund"""
 # The transactions' id sequence, looked up per statement; a store resolves it
@@ -151,7 +153,8 @@ def sequence_constant(sequence: str | None) -> str:
 # more statement (its audit row), as on the full path.
 # $1 merchant, $2 order id (NULL: by reference), $3 requested reference,
 # $4 the amount in minor units for 0, 1, 2, ... decimals, $5 now,
-# $6 requested amount text, $7 key id or NULL, $8 whether the request is timestamped
+# $6 requested amount text, $7 key id or NULL, $8 whether the request is timestamped,
+# $9 the request id (for the journal entry, i.e. the event)
 _REFUND_AT_ONCE = """
 WITH credentials AS (
     SELECT $7::text IS NULL OR {credentials_hold} AS hold
@@ -196,8 +199,9 @@ WITH credentials AS (
     INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
     SELECT $1, refund.order_id, $3, $6, '0000', refund.id, $5 FROM refund
 ), entry AS (
-    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at)
-    SELECT $1, refund.currency, 'REFUND', -refund.amount, debit.unsettled, refund.order_id, refund.id, $5
+    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at,
+                                request_id)
+    SELECT $1, refund.currency, 'REFUND', -refund.amount, debit.unsettled, refund.order_id, refund.id, $5, $9::text
     FROM refund, debit
 )
 SELECT credentials.hold, snapshot.*, applied.*
@@ -302,10 +306,13 @@ class _RefundStatements:
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool, command_timeout: float):
+    def __init__(self, pool: asyncpg.Pool, command_timeout: float, sequencer: outbox.Sequencer | None = None):
         self._pool = pool
         self._timeout = command_timeout
         self._statements: _RefundStatements | None = None  # with the sequence resolved, on first use
+        # Numbers the journal's entries as events while this process holds the
+        # sequencer's lock (service/outbox.py); stopped by close().
+        self.sequencer = sequencer
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0,
@@ -328,7 +335,9 @@ class PostgresStore:
             pool = await asyncpg.create_pool(**kwargs)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(type(exc).__name__) from None
-        return cls(pool, command_timeout)
+        sequencer = outbox.Sequencer(outbox.connector(url, command_timeout))
+        sequencer.start()
+        return cls(pool, command_timeout, sequencer)
 
     @contextlib.asynccontextmanager
     async def _connection(self):
@@ -378,7 +387,7 @@ class PostgresStore:
                 applied = await conn.fetchrow(
                     statements.apply, command.merchant_id, order.id, order.currency, decision.amount,
                     decision.new_status, now, command.merchant_reference, command.amount_text, order.status,
-                    signed_with, timestamped)
+                    signed_with, timestamped, telemetry.REQUEST_ID.get())
             except asyncpg.NotNullViolationError:
                 applied = None  # the balance fell below the amount since the read
             if applied is None and signed_with is not None and not await conn.fetchval(
@@ -408,7 +417,7 @@ class PostgresStore:
         try:
             row = await conn.fetchrow(statement, command.merchant_id, command.order_id, command.merchant_reference,
                                       domain.minor_units_by_decimals(command.amount), now, command.amount_text,
-                                      signed_with, timestamped)
+                                      signed_with, timestamped, telemetry.REQUEST_ID.get())
         except asyncpg.NotNullViolationError:
             return NOT_READ  # the balance fell below the amount during the statement
         values = tuple(row)
@@ -483,7 +492,7 @@ class PostgresStore:
             if balance > domain.MAX_MINOR_UNITS:  # leaving the block rolls the sale back
                 raise domain.InvalidAmount(BALANCE_TOO_LARGE)
             await conn.execute(JOURNAL, sale.merchant_id, sale.currency, "SALE", sale.amount, balance, sale.order_id,
-                               txn["id"], None, now)
+                               txn["id"], None, now, telemetry.REQUEST_ID.get())
             return _order(inserted), _transaction(txn), balance
 
     async def settle(self, settlement: Settlement) -> tuple[Settlement, bool]:
@@ -505,7 +514,7 @@ class PostgresStore:
                     made = replace(settlement, balance_after=balance)
                     await conn.execute(INSERT_SETTLEMENT, *astuple(made))
                     await conn.execute(JOURNAL, made.merchant_id, made.currency, "SETTLEMENT", -made.amount, balance,
-                                       None, None, made.settlement_id, made.created_at)
+                                       None, None, made.settlement_id, made.created_at, telemetry.REQUEST_ID.get())
                     return made, True
             except asyncpg.UniqueViolationError:  # the same id, made by a call that committed first
                 stored = await conn.fetchrow(READ_SETTLEMENT, settlement.settlement_id)
@@ -556,6 +565,12 @@ class PostgresStore:
         async with self._connection() as conn:
             await conn.fetchval("SELECT 1")
 
+    def connection(self):
+        """A pooled connection (async context manager); StoreUnavailable when there is none."""
+        return self._connection()
+
     async def close(self) -> None:
+        if self.sequencer is not None:
+            await self.sequencer.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._pool.close(), 5)

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy.engine import make_url
 
-from service import domain, tracing
+from service import domain, telemetry, tracing
 from service.store import (
     BALANCE_TOO_LARGE,
     ORDER_COLUMNS,
@@ -64,8 +64,8 @@ RETURNING unsettled"""
 
 JOURNAL = """
 INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id,
-                            settlement_id, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+                            settlement_id, created_at, request_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
@@ -154,11 +154,12 @@ class SqliteStore:
         that verified the request): only while that key is active and its
         merchant ACTIVE (and not requiring timestamps unless `timestamped`),
         checked in the refund's own transaction; None (nothing written) if not."""
-        return await self._run(self._refund, command, signed_with, timestamped)
+        return await self._run(self._refund, command, signed_with, timestamped, telemetry.REQUEST_ID.get())
 
     @staticmethod
     def _refund(connection: sqlite3.Connection, command: domain.RefundCommand,
-                signed_with: str | None = None, timestamped: bool = False) -> domain.RefundResult | None:
+                signed_with: str | None = None, timestamped: bool = False,
+                request_id: str | None = None) -> domain.RefundResult | None:
         now = utc_now()
         with _WriteTransaction(connection) as db:
             if signed_with is not None and db.execute(
@@ -206,7 +207,7 @@ class SqliteStore:
             db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount_text,
                                decision.code.value, refund_id, to_text(now)))
             db.execute(JOURNAL, (order.merchant_id, order.currency, "REFUND", -decision.amount, debited[0], order.id,
-                                 refund_id, None, to_text(now)))
+                                 refund_id, None, to_text(now), request_id))
             return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
 
     # -- reads ---------------------------------------------------------------
@@ -289,10 +290,10 @@ class SqliteStore:
     # -- sales and settlements -----------------------------------------------
 
     async def record_sale(self, sale: Sale):
-        return await self._run(self._record_sale, sale)
+        return await self._run(self._record_sale, sale, telemetry.REQUEST_ID.get())
 
     @staticmethod
-    def _record_sale(connection, sale: Sale):
+    def _record_sale(connection, sale: Sale, request_id: str | None = None):
         now = utc_now()
         with _WriteTransaction(connection) as db:
             known = db.execute(
@@ -333,16 +334,16 @@ class SqliteStore:
                 "currency) DO UPDATE SET unsettled = unsettled + excluded.unsettled",
                 (sale.merchant_id, sale.currency, sale.amount))
             db.execute(JOURNAL, (sale.merchant_id, sale.currency, "SALE", sale.amount, balance, sale.order_id, txn_id,
-                                 None, to_text(now)))
+                                 None, to_text(now), request_id))
             order = domain.Order(sale.order_id, sale.merchant_id, sale.merchant_reference, sale.currency, sale.amount,
                                  "SUCCESS", sale.payment_method, from_text(created), from_text(created))
             return order, txn, balance
 
     async def settle(self, settlement: Settlement) -> tuple[Settlement, bool]:
-        return await self._run(self._settle, settlement)
+        return await self._run(self._settle, settlement, telemetry.REQUEST_ID.get())
 
     @staticmethod
-    def _settle(connection, settlement: Settlement) -> tuple[Settlement, bool]:
+    def _settle(connection, settlement: Settlement, request_id: str | None = None) -> tuple[Settlement, bool]:
         with _WriteTransaction(connection) as db:
             stored = db.execute(f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE settlement_id = ?",
                                 (settlement.settlement_id,)).fetchone()
@@ -356,7 +357,7 @@ class SqliteStore:
             db.execute(f"INSERT INTO settlements ({SETTLEMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                        (*astuple(made)[:5], to_text(made.created_at)))
             db.execute(JOURNAL, (made.merchant_id, made.currency, "SETTLEMENT", -made.amount, made.balance_after,
-                                 None, None, made.settlement_id, to_text(made.created_at)))
+                                 None, None, made.settlement_id, to_text(made.created_at), request_id))
             return made, True
 
     async def ping(self) -> None:

@@ -1,0 +1,128 @@
+"""The transactional outbox: every journal entry is an event, numbered so that
+a reader resuming with `seq > cursor` never skips one (docs/events.md).
+
+On SQLite the number is the entry's id (see migration 0004). On PostgreSQL
+concurrent transactions take ids that commit out of order: a transaction that
+took id 7 may commit after the one that took id 8, and a reader that had
+already read 8 would skip 7 for ever. So the entries are numbered after they
+commit, by a sequencer: each entry keeps the id of the transaction that wrote
+it (`xact_id`), and SEQUENCE numbers, in one statement, the entries visible
+in its snapshot (so committed) and not numbered yet. Those can only have been
+written by a transaction that was in progress at the last numbering (in that
+snapshot's xip list) or began after it (xid >= its xmax): the index on
+xact_id finds them without scanning the journal, and no transaction, however
+long and in whichever database of the cluster, holds the others back.
+
+One sequencer at a time holds the advisory lock SEQUENCER_LOCK; every
+refund-service and refund-relay runs the loop and one of them wins, the
+others stand by (and take over when the winner's session ends). As one
+writer, one statement per batch, gives `max(seq) + 1, + 2, ...`, the
+sequence has no gaps and grows in commit order: a reader's `seq > cursor`
+sees every event. The primary key on seq and the unique entry_id stop a
+second numbering even if two sequencers ever ran.
+
+The cost: an event is numbered at most one poll interval (IDLE_POLL) after
+its transaction commits; one small statement per poll, which writes only
+when it numbers something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# pg_try_advisory_lock keys (any two 64-bit numbers of our own).
+SEQUENCER_LOCK = 0x7265_6675_6E64_0001
+RELAY_LOCK = 0x7265_6675_6E64_0002
+
+# Seconds between numberings when the last one found nothing, and when it did.
+IDLE_POLL = 0.02
+BUSY_POLL = 0.002
+# Seconds between attempts to take the lock, or to reconnect after an error.
+STANDBY_POLL = 0.5
+
+SEQUENCE = """
+WITH state AS (
+    SELECT pg_current_snapshot() AS now, pg_snapshot_xmax(last) AS since, ARRAY(SELECT pg_snapshot_xip(last)) AS pending
+    FROM event_sequencer WHERE id = 1
+), numbered AS (
+    INSERT INTO event_sequence (seq, entry_id)
+    SELECT (SELECT COALESCE(MAX(seq), 0) FROM event_sequence) + row_number() OVER (ORDER BY e.id), e.id
+    FROM ledger_entries e, state s
+    WHERE (e.xact_id >= s.since OR e.xact_id = ANY (s.pending))
+      AND NOT EXISTS (SELECT 1 FROM event_sequence q WHERE q.entry_id = e.id)
+    ORDER BY e.id
+    RETURNING seq
+), moved AS (
+    UPDATE event_sequencer SET last = s.now FROM state s WHERE id = 1 AND EXISTS (SELECT 1 FROM numbered)
+)
+SELECT COUNT(*) FROM numbered"""
+
+# Errors after which the sequencer reconnects: the database went away or refused.
+RECONNECT_ON = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.exceptions.InternalClientError)
+
+
+def connector(url: str, timeout: float = 5.0, application_name: str = "refund-sequencer"):
+    """A function that opens one asyncpg connection to the database at `url` (a SQLAlchemy URL)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+
+    def connect():
+        return asyncpg.connect(host=parsed.host or "127.0.0.1", port=parsed.port or 5432, user=parsed.username,
+                               password=parsed.password, database=parsed.database, timeout=timeout,
+                               command_timeout=timeout, server_settings={"application_name": application_name})
+
+    return connect
+
+
+class Sequencer:
+    """Runs the numbering loop in a task while this process holds SEQUENCER_LOCK
+    (on its own connection, so the lock goes with the connection if the
+    process dies). `connect` opens that connection."""
+
+    def __init__(self, connect, name: str = "sequencer"):
+        self._connect = connect
+        self._name = name
+        self._task: asyncio.Task | None = None
+        self.leader = False
+        self.numbered = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            connection = None
+            try:
+                connection = await self._connect()
+                while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", SEQUENCER_LOCK):
+                    await asyncio.sleep(STANDBY_POLL)
+                self.leader = True
+                log.info("event sequencer: numbering events")
+                while True:
+                    count = await connection.fetchval(SEQUENCE)
+                    self.numbered += count
+                    await asyncio.sleep(BUSY_POLL if count else IDLE_POLL)
+            except RECONNECT_ON as exc:
+                log.warning("event sequencer: %s; retrying", type(exc).__name__)
+                await asyncio.sleep(STANDBY_POLL)
+            finally:
+                self.leader = False
+                if connection is not None:
+                    connection.terminate()  # the session's advisory lock goes with it

@@ -1,0 +1,147 @@
+"""Issue 14: every money movement is an event, streamed by WatchEvents.
+
+Each test failed on 643d3c9 (there was no WatchEvents). The outbox gap test
+also fails on a naive numbering (the journal's id as the sequence on
+PostgreSQL): see test_a_late_commit_is_not_skipped_on_postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from refund.v1 import refund_pb2, refund_pb2_grpc
+from service import db, events
+from tests import data
+from tests.grpc_harness import InProcessService, error_info
+
+MERCHANT, OTHER = 3140001, 3140002
+
+
+@pytest.fixture
+def service(database_url):
+    data.load(database_url,
+              [data.merchant(MERCHANT, balances={"HKD": "100.00"}), data.merchant(OTHER, balances={"HKD": "50.00"})],
+              [data.order(14000 + i, MERCHANT, "10.00") for i in range(5)])
+    running = InProcessService(database_url)
+    running.url = database_url
+    yield running
+    running.close()
+
+
+def journal(url: str) -> list:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text(
+                "SELECT id, merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, "
+                "settlement_id, adjustment_id, request_id FROM ledger_entries ORDER BY id")).all()
+    finally:
+        engine.dispose()
+
+
+def watch(stub, count: int, timeout: float = 30.0, **request) -> list[refund_pb2.Event]:
+    """The first `count` events of a WatchEvents stream (then cancels it)."""
+    call = stub.WatchEvents(refund_pb2.WatchEventsRequest(**request), timeout=timeout)
+    received = []
+    try:
+        for response in call:
+            received.append(response.event)
+            if len(received) == count:
+                break
+    finally:
+        call.cancel()
+    return received
+
+
+def wait_for_events(stub, count: int, timeout: float = 30.0, **request) -> list[refund_pb2.Event]:
+    return watch(stub, count, timeout, **request)
+
+
+def movements(service) -> None:
+    """A sale, a refund, a settlement: with request ids."""
+    stub = service.stub
+    stub.RecordSale(refund_pb2.RecordSaleRequest(
+        order_id=14100, merchant_id=str(MERCHANT), merchant_reference="sale-14100", currency="HKD", amount="25.00",
+        payment_method="VISA", masked_pan="411111******1111", stan="000001"), metadata=[("x-request-id", "req-sale")])
+    stub.Refund(refund_pb2.RefundRequest(merchant_id=str(MERCHANT), order_id=14000, amount="4.50"),
+                metadata=[("x-request-id", "req-refund")])
+    stub.Settle(refund_pb2.SettleRequest(merchant_id=str(MERCHANT), currency="HKD", amount="20.00",
+                                         settlement_id="batch-1"), metadata=[("x-request-id", "req-settle")])
+
+
+def test_every_journal_entry_is_one_event_with_its_fields(service):
+    movements(service)
+    entries = journal(service.url)
+    assert [e.kind for e in entries] == ["OPENING", "OPENING", "SALE", "REFUND", "SETTLEMENT"]
+    got = wait_for_events(service.stub, len(entries))
+    assert [e.sequence for e in got] == list(range(1, len(entries) + 1))
+    assert [e.event_id for e in got] == [f"evt-{e.id}" for e in entries]
+    by_type = {e.type: e for e in got}
+    sale, refund, settlement = by_type["SALE"], by_type["REFUND"], by_type["SETTLEMENT"]
+    assert (sale.merchant_id, sale.order_id, sale.amount, sale.currency, sale.balance_after, sale.request_id) == (
+        str(MERCHANT), 14100, "25.00", "HKD", "125.00", "req-sale")
+    assert sale.transaction_id == entries[2].transaction_id
+    assert (refund.order_id, refund.amount, refund.balance_after, refund.request_id) == (
+        14000, "-4.50", "120.50", "req-refund")
+    assert refund.transaction_id == entries[3].transaction_id > 0
+    assert (settlement.settlement_id, settlement.amount, settlement.balance_after, settlement.request_id) == (
+        "batch-1", "-20.00", "100.50", "req-settle")
+    assert all(e.time.seconds > 0 for e in got)
+    assert "411111" not in str(got), "an event never carries a card number (not even masked)"
+
+
+def test_replay_from_a_cursor_and_the_filters(service):
+    movements(service)
+    everything = wait_for_events(service.stub, 5)
+    after_two = wait_for_events(service.stub, 3, after_sequence=2)
+    assert after_two == everything[2:]
+    mine = wait_for_events(service.stub, 4, merchant_id=str(MERCHANT))
+    assert [e.sequence for e in mine] == [e.sequence for e in everything if e.merchant_id == str(MERCHANT)]
+    refunds_and_settlements = wait_for_events(service.stub, 2, types=["REFUND", "SETTLEMENT"])
+    assert [e.type for e in refunds_and_settlements] == ["REFUND", "SETTLEMENT"]
+    others = wait_for_events(service.stub, 1, merchant_id=str(OTHER), types=["OPENING"])
+    assert others[0].merchant_id == str(OTHER)
+
+
+def test_the_stream_follows_new_movements_live(service):
+    received, done = [], threading.Event()
+    call = service.stub.WatchEvents(refund_pb2.WatchEventsRequest(after_sequence=2, types=["SALE", "REFUND"]),
+                                    timeout=60)
+
+    def read():
+        for response in call:
+            received.append((time.monotonic(), response.event))
+            if len(received) == 2:
+                break
+        done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    assert received == []
+    sent = time.monotonic()
+    movements(service)
+    assert done.wait(30), "the live events did not arrive"
+    call.cancel()
+    assert [e.type for _, e in received] == ["SALE", "REFUND"]
+    assert received[0][0] - sent < 10
+
+
+@pytest.mark.parametrize("request_fields, text", [
+    ({"after_sequence": -1}, "after_sequence"),
+    ({"merchant_id": "12x"}, "merchant"),
+    ({"types": ["REFUND", "CHARGEBACK"]}, "CHARGEBACK"),
+])
+def test_a_malformed_request_is_invalid_argument(service, request_fields, text):
+    with pytest.raises(grpc.RpcError) as raised:
+        watch(service.stub, 1, timeout=10, **request_fields)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert text in raised.value.details()
+    info, _ = error_info(raised.value)
+    assert info.reason == "INVALID_REQUEST"
