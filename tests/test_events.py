@@ -145,3 +145,87 @@ def test_a_malformed_request_is_invalid_argument(service, request_fields, text):
     assert text in raised.value.details()
     info, _ = error_info(raised.value)
     assert info.reason == "INVALID_REQUEST"
+
+
+class Reader:
+    """A WatchEvents consumer on its own thread, from a cursor."""
+
+    def __init__(self, stub, after: int = 0, **request):
+        self.events: list[refund_pb2.Event] = []
+        self.arrived: list[float] = []
+        self.error = None
+        self.call = stub.WatchEvents(refund_pb2.WatchEventsRequest(after_sequence=after, **request), timeout=120)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            for response in self.call:
+                self.events.append(response.event)
+                self.arrived.append(time.monotonic())
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                self.error = exc
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[refund_pb2.Event]:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count and time.monotonic() < deadline and self.error is None:
+            time.sleep(0.02)
+        assert self.error is None, self.error
+        assert len(self.events) >= count, f"{len(self.events)} events of {count} arrived"
+        return self.events
+
+    def close(self):
+        self.call.cancel()
+        self.thread.join(5)
+
+
+@pytest.mark.postgres
+def test_a_late_commit_is_not_skipped_on_postgres(postgres_url):
+    """The classic outbox gap: a transaction takes journal id N and commits
+    after transactions that took N+1, N+2, ... and whose events a consumer has
+    already received. A consumer trusting `id > cursor` would never see N.
+    Ours receives it, with the next sequence, and every event exactly once."""
+    import psycopg
+
+    data.load(postgres_url, [data.merchant(MERCHANT, balances={"HKD": "100.00"}),
+                             data.merchant(OTHER, balances={"HKD": "50.00"})], [])
+    service = InProcessService(postgres_url)
+    reader = Reader(service.stub)
+    late = psycopg.connect(sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
+    try:
+        reader.wait_for(2)
+        with late.cursor() as cursor:  # an adjustment, its transaction held open
+            cursor.execute("UPDATE balances SET unsettled = unsettled + 100 WHERE merchant_id = %s", (OTHER,))
+            cursor.execute("INSERT INTO balance_adjustments VALUES ('late-1', %s, 'HKD', 100, 5100, 'test', now())",
+                           (OTHER,))
+            cursor.execute("INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, "
+                           "adjustment_id, created_at) VALUES (%s, 'HKD', 'ADJUSTMENT', 100, 5100, 'late-1', now()) "
+                           "RETURNING id", (OTHER,))
+            late_id = cursor.fetchone()[0]
+        sent = []
+        for i in range(3):
+            sent.append(time.monotonic())
+            service.stub.RecordSale(refund_pb2.RecordSaleRequest(
+                order_id=14200 + i, merchant_id=str(MERCHANT), merchant_reference=f"late-{i}", currency="HKD",
+                amount="1.00", payment_method="VISA", stan="000001"))
+        before = reader.wait_for(5)
+        latencies = [arrived - start for arrived, start in zip(reader.arrived[2:5], sent)]
+        assert all(int(e.event_id.split("-")[1]) > late_id for e in before[2:5]), \
+            "the later sales took higher journal ids: a reader trusting id > cursor would skip the late one"
+        time.sleep(0.5)
+        assert len(reader.events) == 5, "the open transaction's entry is not an event before it commits"
+        late.commit()
+        after = reader.wait_for(6)
+        assert after[5].event_id == f"evt-{late_id}" and after[5].type == "ADJUSTMENT"
+        assert [e.sequence for e in after] == [1, 2, 3, 4, 5, 6]
+        resumed = Reader(service.stub, after=4)
+        assert [e.sequence for e in resumed.wait_for(2)] == [5, 6]
+        resumed.close()
+        entries = journal(postgres_url)
+        assert sorted(e.event_id for e in after) == sorted(f"evt-{e.id}" for e in entries)
+        print(f"commit to consumer, idle: {[round(x * 1000, 1) for x in latencies]} ms")
+    finally:
+        late.close()
+        reader.close()
+        service.close()
