@@ -12,6 +12,7 @@
     refund-admin balance adjust MERCHANT_ID CURRENCY AMOUNT --reason TEXT [--id ID]
     refund-admin settlements [MERCHANT_ID]
     refund-admin verify
+    refund-admin events [--after SEQ] [--limit N] [--merchant ID] [--type TYPE]
     refund-admin gateway-key create --out FILE
     refund-admin gateway-key public [--all]
     refund-admin purge-idempotency [--older-than 48h]
@@ -67,6 +68,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from service import config, db, domain, ledger, schema
+from service.events import COLUMNS as EVENT_COLUMNS
 from service.signing import MIN_KEY_BITS
 
 EXIT_REFUSED = 1
@@ -1077,6 +1079,54 @@ def cmd_purge_idempotency(args, url: str) -> None:
 
 # -- command line ------------------------------------------------------------
 
+def cmd_events(args, url: str) -> None:
+    """The events after --after (journal entries in sequence order) and each relay's position."""
+    from service.schema import JOURNAL_KINDS
+
+    if args.type and args.type not in JOURNAL_KINDS:
+        raise AdminError(f"unknown event type {args.type!r}; known: {', '.join(JOURNAL_KINDS)}", EXIT_BAD_INPUT)
+    if args.after < 0 or not 1 <= args.limit <= 10_000:
+        raise AdminError("--after must be 0 or more and --limit 1 to 10000", EXIT_BAD_INPUT)
+    merchant_id = _merchant_id(args.merchant) if args.merchant is not None else None
+    conditions, params = ["seq > :after"], {"after": args.after, "limit": args.limit}
+    if merchant_id is not None:
+        conditions.append("merchant_id = :merchant")
+        params["merchant"] = merchant_id
+    if args.type:
+        conditions.append("kind = :kind")
+        params["kind"] = args.type
+    with _engine(url) as engine, engine.connect() as conn:
+        head = conn.execute(sa.text("SELECT COALESCE(MAX(seq), 0) FROM events")).scalar()
+        entries = conn.execute(sa.text("SELECT COUNT(*) FROM ledger_entries")).scalar()
+        relays = conn.execute(sa.text(
+            "SELECT r.name, r.last_sequence, r.updated_at, (SELECT MIN(e.created_at) FROM events e "
+            "WHERE e.seq = r.last_sequence + 1) AS oldest FROM event_relays r ORDER BY r.name")).all()
+        rows = conn.execute(sa.text(f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
+                                    "ORDER BY seq LIMIT :limit"), params).all()
+    unnumbered = entries - head if not url.startswith("sqlite") else 0
+    print(f"events: {head} (last sequence {head})" + (f", {unnumbered} journal entries not numbered yet"
+                                                      if unnumbered else ""))
+    if not relays:
+        print("relays: none has run")
+    now = datetime.now(timezone.utc)
+    def moment(value) -> datetime:  # SQLite gives text through sa.text
+        return _utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
+
+    for name, last, updated, oldest in relays:
+        lag = f", oldest unpublished {(now - moment(oldest)).total_seconds():.1f}s old" if oldest else ""
+        print(f"relay {name}: published through {last} ({head - last} unpublished{lag}), "
+              f"position updated {moment(updated).isoformat(timespec='seconds')}")
+    for row in rows:
+        (seq, entry_id, merchant, currency, kind, amount, after, order_id, transaction_id, settlement_id,
+         adjustment_id, request_id, created) = row
+        cause = (f"order {order_id} transaction {transaction_id}" if transaction_id else
+                 f"settlement {settlement_id}" if settlement_id else
+                 f"adjustment {adjustment_id}" if adjustment_id else "")
+        print(f"{seq}  evt-{entry_id}  {kind:<10}  merchant {merchant}  {currency} "
+              f"{domain.format_minor(amount, currency)}  balance after {domain.format_minor(after, currency)}  "
+              f"{cause + '  ' if cause else ''}{'request ' + request_id + '  ' if request_id else ''}"
+              f"{moment(created).isoformat(timespec='seconds')}")
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """A usage error is one line on stderr and exit status 2 (not argparse's usage text)."""
@@ -1167,6 +1217,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=100)
     command(commands, "verify", cmd_verify, "recompute every balance from the journal and check orders, refunds, "
                                             "settlements and audit rows against it; exit 4 on any discrepancy")
+    listed = command(commands, "events", cmd_events, "list the events (the journal in sequence order, "
+                                                     "docs/events.md) and each relay's position")
+    listed.add_argument("--after", type=int, default=0, metavar="SEQ", help="the events after this sequence")
+    listed.add_argument("--limit", type=int, default=100)
+    listed.add_argument("--merchant", metavar="ID")
+    listed.add_argument("--type", metavar="TYPE", help="SALE, REFUND, SETTLEMENT, ADJUSTMENT or OPENING")
 
     gateway = commands.add_parser("gateway-key", parents=[common],
                                   help="the key refund-edge signs its responses with (X-Signature)")

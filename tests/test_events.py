@@ -229,3 +229,50 @@ def test_a_late_commit_is_not_skipped_on_postgres(postgres_url):
         late.close()
         reader.close()
         service.close()
+
+
+def test_refund_admin_events_lists_the_events_and_the_relay_positions(service):
+    import contextlib
+    import io
+
+    from service import admin
+
+    movements(service)
+    wait_for_events(service.stub, 5)
+
+    def run(*args):
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = admin.main(["--database-url", service.url, "events", *args])
+        return code, output.getvalue()
+
+    code, text = run()
+    assert code == 0, text
+    assert "events: 5 (last sequence 5)" in text and "relays: none has run" in text
+    assert "REFUND" in text and "-4.50" in text and "request req-refund" in text and "settlement batch-1" in text
+    code, text = run("--after", "3", "--type", "SETTLEMENT", "--merchant", str(MERCHANT))
+    assert code == 0 and text.count("evt-") == 1 and "SETTLEMENT" in text
+    engine = db.make_engine(service.url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO event_relays VALUES ('nats', 3, CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    code, text = run("--limit", "1")
+    assert "relay nats: published through 3 (2 unpublished, oldest unpublished" in text
+    code, text = run("--type", "CHARGEBACK")
+    assert code == 2 and "unknown event type" in text and "Traceback" not in text
+
+
+def test_streams_end_cleanly_when_the_service_drains(sqlite_url, start_service):
+    """SIGTERM: an open stream (caught up, waiting for events) ends with OK at
+    once rather than holding the drain for its grace period."""
+    data.load(sqlite_url, [data.merchant(MERCHANT, balances={"HKD": "100.00"})], [])
+    process = start_service(sqlite_url, "--grace", "30")
+    with grpc.insecure_channel(process.address) as channel:
+        call = refund_pb2_grpc.RefundServiceStub(channel).WatchEvents(refund_pb2.WatchEventsRequest(), timeout=60)
+        assert next(call).event.type == "OPENING"
+        started = time.monotonic()
+        process.process.send_signal(__import__("signal").SIGTERM)
+        assert list(call) == [], "the stream ends after the event it was writing"
+        assert call.code() is grpc.StatusCode.OK
+        assert process.process.wait(30) == 0
+        assert time.monotonic() - started < 15, "the drain did not wait for the stream's grace period"
