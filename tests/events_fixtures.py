@@ -121,6 +121,7 @@ class WatchConsumer:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._call = None
+        self.current = addresses[0]  # the address it reads from (or last tried)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -131,7 +132,7 @@ class WatchConsumer:
     def _run(self) -> None:
         turn = 0
         while not self._stop.is_set():
-            address = self.addresses[turn % len(self.addresses)]
+            address = self.current = self.addresses[turn % len(self.addresses)]
             turn += 1
             with grpc.insecure_channel(address) as channel:
                 stub = refund_pb2_grpc.RefundServiceStub(channel)
