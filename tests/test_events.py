@@ -276,3 +276,17 @@ def test_streams_end_cleanly_when_the_service_drains(sqlite_url, start_service):
         assert call.code() is grpc.StatusCode.OK
         assert process.process.wait(30) == 0
         assert time.monotonic() - started < 15, "the drain did not wait for the stream's grace period"
+
+
+def test_the_outbox_alert_rules_pass_their_promtool_unit_tests():
+    import shutil
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    done = subprocess.run([promtool, "test", "rules", "events_alerts_test.yml"], cwd=ROOT / "ops" / "prometheus",
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
