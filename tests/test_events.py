@@ -290,3 +290,33 @@ def test_the_outbox_alert_rules_pass_their_promtool_unit_tests():
     done = subprocess.run([promtool, "test", "rules", "events_alerts_test.yml"], cwd=ROOT / "ops" / "prometheus",
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_migration_0004_makes_the_journal_already_there_events(database_url):
+    """A database with journal entries from before 0004: after the upgrade each
+    is an event, numbered in id order, and new entries follow them."""
+    from alembic import command
+
+    config = db.alembic_config(database_url)
+    command.downgrade(config, "0003")
+    engine = db.make_engine(database_url)
+    with engine.begin() as connection:
+        for i, amount in enumerate((500, 200, -100), start=1):
+            connection.execute(sa.text(
+                "INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, adjustment_id, "
+                "created_at) VALUES (:m, 'HKD', :kind, :amount, :after, :adjustment, CURRENT_TIMESTAMP)"),
+                {"m": MERCHANT, "kind": "OPENING" if i == 1 else "ADJUSTMENT", "amount": amount,
+                 "after": (500, 700, 600)[i - 1], "adjustment": None if i == 1 else f"old-{i}"})
+    engine.dispose()
+    command.upgrade(config, "head")
+    data.load(database_url, [data.merchant(MERCHANT)], [])
+    service = InProcessService(database_url)
+    try:
+        service.stub.RecordSale(refund_pb2.RecordSaleRequest(
+            order_id=14300, merchant_id=str(MERCHANT), merchant_reference="after-0004", currency="HKD",
+            amount="1.00", payment_method="VISA", stan="000001"))
+        got = wait_for_events(service.stub, 4)
+    finally:
+        service.close()
+    assert [(e.sequence, e.type, e.amount) for e in got] == [
+        (1, "OPENING", "5.00"), (2, "ADJUSTMENT", "2.00"), (3, "ADJUSTMENT", "-1.00"), (4, "SALE", "1.00")]
