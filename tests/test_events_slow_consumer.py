@@ -39,16 +39,31 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def test_a_slow_consumer_does_not_grow_the_services_memory(sqlite_url, start_service):
-    data.load(sqlite_url, [data.merchant(MERCHANT, balances={"HKD": "1.00"})], [])
-    path = sa.make_url(sqlite_url).database
-    with sqlite3.connect(path) as connection:  # the backlog: credits of 0.01, each with a 128-character request id
-        connection.executemany(
+def backlog(url: str) -> None:
+    """BACKLOG credits of 0.01, each with a 128-character request id, in the journal."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(sa.make_url(url).database) as connection:
+            connection.executemany(
+                "INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, adjustment_id, "
+                "created_at, request_id) VALUES (?, 'HKD', 'ADJUSTMENT', 1, ?, ?, '2026-11-29 10:00:00.000000', ?)",
+                ((MERCHANT, 100 + i, f"backlog-{i}", f"{i:0128d}") for i in range(1, BACKLOG + 1)))
+            connection.execute("UPDATE balances SET unsettled = ? WHERE merchant_id = ?", (100 + BACKLOG, MERCHANT))
+        return
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text(
             "INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, adjustment_id, "
-            "created_at, request_id) VALUES (?, 'HKD', 'ADJUSTMENT', 1, ?, ?, '2026-11-29 10:00:00.000000', ?)",
-            ((MERCHANT, 100 + i, f"backlog-{i}", f"{i:0128d}") for i in range(1, BACKLOG + 1)))
-        connection.execute("UPDATE balances SET unsettled = ? WHERE merchant_id = ?", (100 + BACKLOG, MERCHANT))
-    service = start_service(sqlite_url)
+            "created_at, request_id) SELECT :m, 'HKD', 'ADJUSTMENT', 1, 100 + i, 'backlog-' || i, now(), "
+            "lpad(i::text, 128, '0') FROM generate_series(1, :n) i"), {"m": MERCHANT, "n": BACKLOG})
+        connection.execute(sa.text("UPDATE balances SET unsettled = :b WHERE merchant_id = :m"),
+                           {"b": 100 + BACKLOG, "m": MERCHANT})
+    engine.dispose()
+
+
+def test_a_slow_consumer_does_not_grow_the_services_memory(database_url, start_service):
+    data.load(database_url, [data.merchant(MERCHANT, balances={"HKD": "1.00"})], [])
+    backlog(database_url)
+    service = start_service(database_url)
     pid = service.process.pid
     channel = grpc.insecure_channel(service.address)
     stub = refund_pb2_grpc.RefundServiceStub(channel)
