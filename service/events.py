@@ -10,8 +10,9 @@ slows only its own stream. When caught up it looks for new events every
 POLL seconds. On drain (`drain()`, called on SIGTERM) every stream ends with
 OK after the event it is writing.
 
-A filtered stream (merchant, types) reads up to the head it saw, so its scans
-stay bounded however rare its matches are.
+A filtered stream (merchant, types) scans at most SCAN sequence numbers per
+read and then moves its position past them, so each read stays bounded
+however rare its matches are.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from service.store import StoreUnavailable
 
 BATCH = 100
 POLL = 0.05
+# A read scans at most this many sequence numbers, so that a filtered stream
+# replaying a long history with rare matches never runs one long query.
+SCAN = 10_000
 
 COLUMNS = ("seq, entry_id, merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, "
            "settlement_id, adjustment_id, request_id, created_at")
@@ -93,14 +97,15 @@ class _PostgresEvents:
     def __init__(self, store):
         self._store = store
 
-    async def read(self, cursor: int, merchant, kinds) -> tuple[int, list]:
+    async def read(self, cursor: int, merchant, kinds) -> tuple[int, int, list]:
         async with self._store.connection() as conn:
             head = await conn.fetchval(self.HEAD)
             if head <= cursor:
-                return head, []
-            params = [cursor, head] + ([merchant] if merchant is not None else []) + list(kinds)
+                return head, head, []
+            upto = min(head, cursor + SCAN)
+            params = [cursor, upto] + ([merchant] if merchant is not None else []) + list(kinds)
             rows = await conn.fetch(_query(lambda n: f"${n}", merchant, kinds), *params)
-            return head, [tuple(r) for r in rows]
+            return upto, head, [tuple(r) for r in rows]
 
     def close(self) -> None:
         pass
@@ -127,13 +132,14 @@ class _SqliteEvents:
         try:
             head = db.execute(self.HEAD).fetchone()[0]
             if head <= cursor:
-                return head, []
-            params = [cursor, head] + ([merchant] if merchant is not None else []) + list(kinds)
-            return head, db.execute(_query(lambda n: "?", merchant, kinds), params).fetchall()
+                return head, head, []
+            upto = min(head, cursor + SCAN)
+            params = [cursor, upto] + ([merchant] if merchant is not None else []) + list(kinds)
+            return upto, head, db.execute(_query(lambda n: "?", merchant, kinds), params).fetchall()
         finally:
             db.execute("COMMIT")
 
-    async def read(self, cursor: int, merchant, kinds) -> tuple[int, list]:
+    async def read(self, cursor: int, merchant, kinds) -> tuple[int, int, list]:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._read, cursor, merchant,
                                                                     kinds)
@@ -178,14 +184,14 @@ class EventFeed:
         self.streams += 1
         try:
             while not self._closing.is_set():
-                head, rows = await self._source.read(cursor, merchant, kinds)
+                scanned, head, rows = await self._source.read(cursor, merchant, kinds)
                 for row in rows:
                     await context.write(refund_pb2.WatchEventsResponse(event=event_message(row)))
                     if self._closing.is_set():
                         return
-                # A full batch may be followed by more before the head; otherwise all up to the head was read.
-                cursor = rows[-1][0] if len(rows) == BATCH else max(cursor, head)
-                if len(rows) < BATCH:
+                # A full batch may be followed by more within the scan; otherwise the scan was read whole.
+                cursor = rows[-1][0] if len(rows) == BATCH else max(cursor, scanned)
+                if len(rows) < BATCH and cursor >= head:
                     try:
                         await asyncio.wait_for(self._closing.wait(), POLL)
                     except asyncio.TimeoutError:

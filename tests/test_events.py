@@ -96,7 +96,11 @@ def test_every_journal_entry_is_one_event_with_its_fields(service):
     assert "411111" not in str(got), "an event never carries a card number (not even masked)"
 
 
-def test_replay_from_a_cursor_and_the_filters(service):
+@pytest.mark.parametrize("scan", [events.SCAN, 2])
+def test_replay_from_a_cursor_and_the_filters(service, scan, monkeypatch):
+    """Also with reads that scan 2 sequence numbers at a time: a filtered
+    stream moves past the events that do not match, a window at a time."""
+    monkeypatch.setattr(events, "SCAN", scan)
     movements(service)
     everything = wait_for_events(service.stub, 5)
     after_two = wait_for_events(service.stub, 3, after_sequence=2)
