@@ -46,7 +46,8 @@ import nats.js.errors
 from google.protobuf import json_format
 from prometheus_client import Counter, Gauge
 
-from service import config, events, metrics, outbox, telemetry
+from service import config, events, metrics, outbox, startup, telemetry
+from service.startup import StartupError
 
 log = logging.getLogger("refund-relay")
 
@@ -247,9 +248,9 @@ def parse_args(argv=None):
 async def serve(args) -> int:
     url = config.database_url(args.database_url)
     if url.startswith("sqlite"):
-        log.error("refund-relay needs PostgreSQL (the database is %s); on SQLite consume WatchEvents",
-                  config.redact(url))
-        return 2
+        return startup.refuse(log, StartupError(f"refund-relay needs PostgreSQL (the database is "
+                                                f"{config.redact(url)}); on SQLite consume WatchEvents",
+                                                startup.EXIT_USAGE))
     relay = Relay(url, args.nats_url, args.prefix, args.name, args.source)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -258,17 +259,20 @@ async def serve(args) -> int:
         try:
             address = metrics.serve_metrics(args.metrics_listen)
         except (OSError, ValueError) as exc:
-            log.error("cannot serve metrics on %s: %s", args.metrics_listen, exc)
-            return 1
-        print(f"refund-relay metrics on http://{address}/metrics", flush=True)
-    print(f"refund-relay listening on {args.nats_url} (relay {args.name}, database {config.redact(url)})",
-          flush=True)
+            return startup.refuse(log, StartupError(f"cannot serve metrics on {args.metrics_listen}: {exc}",
+                                                    startup.EXIT_USAGE))
+        startup.announce("refund-relay", f"refund-relay metrics on http://{address}/metrics")
+    # "listening on" as the other processes say it (what supervisors and tests wait for): the broker it feeds.
+    startup.announce("refund-relay", f"refund-relay listening on {args.nats_url} (relay {args.name}, "
+                                     f"database {config.redact(url)})")
     await relay.run()
     log.info("stopped")
-    return 0
+    return startup.EXIT_STOPPED
 
 
 def main(argv=None) -> int:
+    telemetry.configure_logging("info")
+    startup.install_json_excepthooks(log)
     args = parse_args(argv)
     telemetry.configure_logging(args.log_level)
     return asyncio.run(serve(args))

@@ -324,3 +324,18 @@ def test_migration_0004_makes_the_journal_already_there_events(database_url):
         service.close()
     assert [(e.sequence, e.type, e.amount) for e in got] == [
         (1, "OPENING", "5.00"), (2, "ADJUSTMENT", "2.00"), (3, "ADJUSTMENT", "-1.00"), (4, "SALE", "1.00")]
+
+
+def test_the_outbox_alerts_use_only_what_the_relay_exports():
+    import yaml
+
+    from service import relay  # noqa: F401  (registers the relay's metrics)
+    from tests.conftest import ROOT
+    from tests.test_ops import exported, names_and_labels
+
+    rules = yaml.safe_load((ROOT / "ops" / "prometheus" / "events_alerts.yml").read_text())
+    known_names, known_labels = exported()
+    for rule in (rule for group in rules["groups"] for rule in group["rules"]):
+        names, labels = names_and_labels(rule["expr"])
+        assert names and names <= known_names, (names - known_names, rule["expr"])
+        assert labels <= known_labels, (labels - known_labels, rule["expr"])
