@@ -33,6 +33,8 @@ import logging
 
 import asyncpg
 
+from service import tracing
+
 log = logging.getLogger(__name__)
 
 # pg_try_advisory_lock keys (any two 64-bit numbers of our own).
@@ -116,6 +118,10 @@ class Sequencer:
             self._task = None
 
     async def _run(self) -> None:
+        with tracing.untraced():  # background work for no request: it makes no traces
+            await self._number()
+
+    async def _number(self) -> None:
         pause = STANDBY_POLL
         while True:
             connection = None
