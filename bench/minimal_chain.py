@@ -67,8 +67,7 @@ async def serve_service(database_url: str, address: str) -> None:
     keys = {r["merchant_id"]: (r["key_id"], serialization.load_pem_public_key(r["public_key_pem"].encode()))
             for r in rows}
     grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    statements = store_pg._RefundStatements(store_pg._APPLY_REFUND.format(sequence=sequence),
-                                            *store_pg.refund_at_once(sequence))
+    statements = store_pg._RefundStatements(store_pg.apply_refund(sequence), *store_pg.refund_at_once(sequence))
     refund_pb2_grpc.add_RefundServiceServicer_to_server(MinimalService(pool, keys, statements), grpc_server)
     port = grpc_server.add_insecure_port(address)
     await grpc_server.start()

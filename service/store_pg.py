@@ -129,8 +129,12 @@ SELECT id, masked_pan, stan FROM refund"""
 # The transactions' id sequence, looked up per statement; a store resolves it
 # once (sequence_constant) and runs the statements with the regclass constant.
 SEQUENCE_LOOKUP = "pg_get_serial_sequence('transactions', 'id')"
-APPLY_REFUND = _APPLY_REFUND.format(sequence=SEQUENCE_LOOKUP,
-                                    credentials_hold=credentials_hold(key="$10", timestamped="$11"))
+def apply_refund(sequence: str) -> str:
+    """_APPLY_REFUND naming the sequence with `sequence`."""
+    return _APPLY_REFUND.format(sequence=sequence, credentials_hold=credentials_hold(key="$10", timestamped="$11"))
+
+
+APPLY_REFUND = apply_refund(SEQUENCE_LOOKUP)
 
 
 def sequence_constant(sequence: str | None) -> str:
@@ -402,8 +406,7 @@ class PostgresStore:
 
     async def _resolve_statements(self, conn) -> "_RefundStatements":
         sequence = sequence_constant(await conn.fetchval(f"SELECT {SEQUENCE_LOOKUP}"))
-        apply = _APPLY_REFUND.format(sequence=sequence, credentials_hold=credentials_hold(key="$10", timestamped="$11"))
-        self._statements = _RefundStatements(apply, *refund_at_once(sequence))
+        self._statements = _RefundStatements(apply_refund(sequence), *refund_at_once(sequence))
         return self._statements
 
     @staticmethod

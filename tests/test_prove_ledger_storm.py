@@ -15,6 +15,7 @@ PostgreSQL: two services, each with an edge in front. SQLite: one of each.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -143,7 +144,7 @@ class Clients:
                 try:
                     reply = http_request(host, int(port), "POST", "/direct/refund", body,
                                          {"Content-Type": "application/json"}, timeout=15)
-                except OSError:
+                except (OSError, http.client.HTTPException):  # the edge died mid-answer: no answer
                     return None
                 answer = json.loads(reply.body, parse_float=Decimal, parse_int=Decimal)
                 if answer["responseCode"] == "9001":
