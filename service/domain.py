@@ -288,11 +288,26 @@ class RefundCommand:
 
 def check_order_key(order_id: int | None, merchant_reference: str | None) -> None:
     """Each order identifier that is given is in range (a positive 64-bit id, a
-    reference of at most 128 characters)."""
+    reference of at most 128 characters that the databases can store)."""
     if order_id is not None and not 0 < order_id <= MAX_ID:
         raise InvalidRequest("orderId must be a positive integer")
-    if merchant_reference is not None and len(merchant_reference) > 128:
-        raise InvalidRequest("merchantReference is too long")
+    if merchant_reference is not None:
+        check_text(merchant_reference, "merchantReference", MAX_REFERENCE_LENGTH)
+
+
+# Text that SQLite and PostgreSQL both store as given: PostgreSQL refuses NUL in
+# text, and neither driver can encode a lone surrogate (what JSON's "\ud800" decodes to).
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+MAX_REFERENCE_LENGTH = 128
+
+
+def check_text(value: str, name: str, max_length: int) -> str:
+    """`value` when it has at most `max_length` characters and none that a database cannot store."""
+    if len(value) > max_length:
+        raise InvalidRequest(f"{name} is longer than {max_length} characters")
+    if _UNSTORABLE_TEXT.search(value):
+        raise InvalidRequest(f"{name} holds a NUL character or a lone surrogate")
+    return value
 
 
 @dataclass(frozen=True)

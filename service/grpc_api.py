@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -133,6 +134,19 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
+# The range of a sale's create_time: from the Unix epoch to the last instant of
+# year 9999, what both databases store and read back as a datetime.
+MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+
+
+def sale_time(stamp: timestamp_pb2.Timestamp) -> datetime:
+    """The aware UTC datetime of a caller's Timestamp (microseconds), or 1001 when out of range."""
+    if not (0 <= stamp.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        raise domain.InvalidRequest("create_time must be from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z "
+                                    "(nanos 0 to 999,999,999)")
+    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+
+
 def order_message(order: domain.Order) -> refund_pb2.Order:
     return refund_pb2.Order(
         id=order.id, merchant_id=str(order.merchant_id), merchant_reference=order.merchant_reference,
@@ -188,6 +202,50 @@ def replayed_answer(stored: bytes) -> refund_pb2.RefundResponse:
     reply = refund_pb2.RefundResponse()
     status.details[0].Unpack(reply)
     return reply
+
+
+class _Undecodable:
+    """What a request that protobuf cannot parse (a string field that is not UTF-8) deserializes to."""
+
+
+class DecodingInterceptor(grpc.aio.ServerInterceptor):
+    """A unary request that does not parse (a string field with bytes that are
+    not UTF-8, which any client but Python's can send) is answered
+    INVALID_ARGUMENT / INVALID_REQUEST like any other bad input, instead of
+    the UNKNOWN that grpc answers when a deserializer raises."""
+
+    def __init__(self):
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(handler))
+            self._wrapped[handler_call_details.method] = cached
+        return cached[1]
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        parse, inner = handler.request_deserializer, handler.unary_unary
+
+        def deserialize(raw: bytes):
+            try:
+                return parse(raw)
+            except DecodeError:
+                return _Undecodable()
+
+        async def behaviour(request, context):
+            if isinstance(request, _Undecodable):
+                metrics.note_outcome(ResponseCode.INVALID_REQUEST.value, grpc.StatusCode.INVALID_ARGUMENT)
+                status = RpcError.of(ResponseCode.INVALID_REQUEST, "the request is not a valid protobuf message "
+                                     "(a string field that is not UTF-8?)").to_status()
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            return await inner(request, context)
+
+        return handler._replace(request_deserializer=deserialize, unary_unary=behaviour)
 
 
 class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
@@ -368,6 +426,7 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
                                        reference: str | None) -> refund_pb2.GetOrderResponse:
         if order_id is None and reference is None:
             raise domain.InvalidRequest("order_id or merchant_reference is required")
+        domain.check_order_key(order_id, reference)
         found = await self._store.get_order(merchant_id, order_id, reference)
         if found is None or (reference and order_id and found[0].merchant_reference != reference):
             raise RpcError.of(ResponseCode.ORDER_NOT_FOUND, "order not found")
@@ -377,10 +436,12 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
 
     async def RecordSale(self, request, context):
         async def operation():
-            if request.order_id <= 0 or not request.merchant_reference or len(request.merchant_reference) > 128:
+            if request.order_id <= 0 or not request.merchant_reference:
                 raise domain.InvalidRequest("order_id and merchant_reference (at most 128 characters) are required")
+            domain.check_text(request.merchant_reference, "merchant_reference", domain.MAX_REFERENCE_LENGTH)
             if not request.payment_method:
                 raise domain.InvalidRequest("payment_method is required")
+            domain.check_text(request.payment_method, "payment_method", 32)
             sale = Sale(
                 order_id=request.order_id,
                 merchant_id=domain.parse_merchant_id(request.merchant_id),
@@ -390,8 +451,7 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
                 payment_method=request.payment_method,
                 masked_pan=domain.check_masked_pan(request.masked_pan),
                 stan=domain.check_stan(request.stan),
-                create_time=request.create_time.ToDatetime(tzinfo=utc_now().tzinfo)
-                if request.HasField("create_time") else utc_now(),
+                create_time=sale_time(request.create_time) if request.HasField("create_time") else utc_now(),
             )
             try:
                 order, txn, balance = await self._store.record_sale(sale)

@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import config, events, metrics, readiness, startup, telemetry, tracing
-from service.grpc_api import RefundServicer
+from service.grpc_api import DecodingInterceptor, RefundServicer
 from service.startup import StartupError
 from service.store import StoreUnavailable, open_store
 
@@ -44,7 +44,8 @@ async def create_server(address: str, store, *, db_timeout: float = 5.0,
                         credentials: grpc.ServerCredentials | None = None):
     """A started-to-be server bound to `address` (TLS with `credentials`);
     returns (server, health servicer, port). Readiness starts NOT_SERVING."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[metrics.TelemetryInterceptor()])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             interceptors=[metrics.TelemetryInterceptor(), DecodingInterceptor()])
     refund_pb2_grpc.add_RefundServiceServicer_to_server(RefundServicer(store, db_timeout), server)
     health_servicer = readiness.ServiceHealth(("", SERVICE_NAME))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
