@@ -47,6 +47,7 @@ HTTP_STATUS = {
     ResponseCode.AMOUNT_EXCEEDS_ORDER: 200,
     ResponseCode.INSUFFICIENT_BALANCE: 200,
     ResponseCode.SERVICE_UNAVAILABLE: 503,
+    ResponseCode.RATE_LIMITED: 429,
     ResponseCode.SYSTEM_ERROR: 500,
 }
 assert set(HTTP_STATUS) == set(ResponseCode), "every response code needs an HTTP status"
@@ -94,6 +95,16 @@ def invalid_request(detail: str, http_status: int | None = None) -> Answer:
 
 def unavailable() -> Answer:
     return Answer(ResponseCode.SERVICE_UNAVAILABLE, UNAVAILABLE_DETAIL)
+
+
+def rate_limited(retry_after: int) -> Answer:
+    return Answer(ResponseCode.RATE_LIMITED, f"too many requests for this merchant; retry after {retry_after} "
+                                             "seconds (an order is never refunded twice)")
+
+
+def overloaded() -> Answer:
+    return Answer(ResponseCode.SERVICE_UNAVAILABLE, "the gateway is busy; retry shortly (an order is never "
+                                                    "refunded twice)")
 
 
 def system_error() -> Answer:

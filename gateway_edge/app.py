@@ -4,7 +4,9 @@
     POST /direct/query    the order and its transactions (docs/api.md section 7)
     GET  /healthz         200 only while the back end's grpc.health.v1 says SERVING
     GET  /openapi.json    the OpenAPI 3 document of this edge
-    GET  /metrics         Prometheus metrics of this process
+    GET  /metrics         Prometheus metrics, only on the metrics listener (--metrics-listen), never
+                          on the merchant port
+    (HEAD wherever GET works)
 
 The edge checks only the HTTP envelope: method, content type, body size, and
 that the body is a JSON object with the strings `request` and `signature`. It
@@ -12,6 +14,13 @@ forwards the UTF-8 bytes of `request` exactly as decoded, with the signature,
 to RefundService.MerchantRefund; the service verifies the signature over those
 bytes and parses those same bytes. Every answer is JSON; nothing internal
 (exception, back-end message, stack trace) reaches the merchant.
+
+Before any call to the service: at most `max_in_flight` requests are answered
+at once (beyond: 9001 at once), and a merchant over its rate limit gets 9002
+with HTTP 429 and Retry-After (gateway_edge.policy). The merchant is the one
+the request claims, read here only for the rate limit and the per-merchant
+status mode; answers are HTTP 200 throughout for merchants in the vendor's
+compatibility mode (StatusMode.ALWAYS_200).
 
 Every response carries `X-Request-Id` (the client's, when sane, else a new
 one; the service gets it as gRPC metadata) and, with a gateway key
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -33,6 +43,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway_edge import answers
 from gateway_edge import metrics as edge_metrics
 from gateway_edge.answers import Answer
+from gateway_edge.limits import DEFAULT_MAX_IN_FLIGHT
+from gateway_edge.policy import RateLimiter, StatusMode, StatusModes, claimed_merchant
 from gateway_edge.signer import ResponseSigner
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import domain, strict_json, telemetry, tracing
@@ -66,6 +78,7 @@ CHANNEL_OPTIONS = (
 )
 
 _NO_STORE = (b"cache-control", b"no-store")
+_RETRY_SOON = ((b"retry-after", b"1"),)
 _ENVELOPE_SHAPE = "the body must be a JSON object with the string fields request and signature"
 
 
@@ -87,8 +100,15 @@ class EdgeApp:
     def __init__(self, grpc_target: str, *, deadline: float = DEFAULT_DEADLINE,
                  health_deadline: float = HEALTH_DEADLINE, max_body_bytes: int = MAX_BODY_BYTES,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT, signer: ResponseSigner | None = None,
-                 grpc_credentials: grpc.ChannelCredentials | None = None):
+                 grpc_credentials: grpc.ChannelCredentials | None = None,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, rate_limiter: RateLimiter | None = None,
+                 status_modes: StatusModes | None = None, metrics_port: int | None = None):
         self.grpc_target = grpc_target
+        self.max_in_flight = max_in_flight
+        self.rate_limiter = rate_limiter if rate_limiter is not None and rate_limiter.active else None
+        self.status_modes = status_modes or StatusModes()
+        self._in_flight = 0
+        self.metrics_port = metrics_port  # the local port of the metrics listener, if any
         self.signer = signer
         self.grpc_credentials = grpc_credentials
         self.deadline = deadline
@@ -102,11 +122,12 @@ class EdgeApp:
         self._routes = {
             REFUND_PATH: {"POST": self._refund},
             QUERY_PATH: {"POST": self._query},
-            "/healthz": {"GET": self._healthz},
-            "/openapi.json": {"GET": self._openapi},
-            METRICS_PATH: {"GET": self._metrics},
+            "/healthz": {"GET": self._healthz, "HEAD": self._healthz},
+            "/openapi.json": {"GET": self._openapi, "HEAD": self._openapi},
         }
-        self._durations = {path: edge_metrics.DURATION.labels(path) for path in [*self._routes, "other"]}
+        self._metrics_routes = {METRICS_PATH: {"GET": self._metrics, "HEAD": self._metrics}}
+        self._durations = {path: edge_metrics.DURATION.labels(path)
+                           for path in [*self._routes, *self._metrics_routes, "other"]}
 
     # -- ASGI ---------------------------------------------------------------
 
@@ -145,19 +166,30 @@ class EdgeApp:
     async def _http(self, scope, receive, send):
         request_id = telemetry.sane_request_id(_header(scope, b"x-request-id")) or telemetry.new_request_id()
         token = telemetry.REQUEST_ID.set(request_id)
-        responder = _Responder(send, request_id, self.signer)
+        responder = _Responder(send, request_id, self.signer,
+                               always_200=self.status_modes.default is StatusMode.ALWAYS_200)
         started = time.perf_counter()
+        if self._in_flight >= self.max_in_flight:  # overloaded: answer at once, read nothing
+            edge_metrics.OVERLOAD.inc()
+            try:
+                await responder.answer(answers.overloaded())
+            finally:
+                self._observe(scope, responder, time.perf_counter() - started)
+                telemetry.REQUEST_ID.reset(token)
+            return
+        self._in_flight += 1
         edge_metrics.IN_FLIGHT.inc()
         try:
             await self._route(scope, receive, responder)
         finally:
+            self._in_flight -= 1
             edge_metrics.IN_FLIGHT.dec()
             self._observe(scope, responder, time.perf_counter() - started)
             telemetry.REQUEST_ID.reset(token)
 
     def _observe(self, scope, responder: "_Responder", elapsed: float) -> None:
         """Metrics and the log line of one request (never its body or headers)."""
-        path = scope["path"] if scope["path"] in self._routes else "other"
+        path = scope["path"] if scope["path"] in self._routes or scope["path"] in self._metrics_routes else "other"
         self._durations[path].observe(elapsed)
         status = responder.status or 499  # 499: the client went away before an answer
         edge_metrics.REQUESTS.labels(path, str(status)).inc()
@@ -179,7 +211,10 @@ class EdgeApp:
 
     async def _route(self, scope, receive, responder: "_Responder"):
         try:
-            methods = self._routes.get(scope["path"])
+            routes = self._routes
+            if self.metrics_port is not None and (scope.get("server") or (None, None))[1] == self.metrics_port:
+                routes = self._metrics_routes
+            methods = routes.get(scope["path"])
             if methods is None:
                 await responder.answer(answers.invalid_request("no such endpoint", 404))
                 return
@@ -217,6 +252,18 @@ class EdgeApp:
         if envelope is None:
             return
         request, signature = envelope
+        merchant = None
+        if self.rate_limiter is not None or self.status_modes.per_merchant:
+            merchant = claimed_merchant(request)
+            responder.always_200 = self.status_modes.of(merchant) is StatusMode.ALWAYS_200
+        if merchant is not None and self.rate_limiter is not None:
+            wait = self.rate_limiter.take(merchant)
+            if wait is not None:
+                edge_metrics.RATE_LIMITED.inc()
+                retry_after = max(1, math.ceil(wait))
+                await responder.answer(answers.rate_limited(retry_after),
+                                       ((b"retry-after", str(retry_after).encode("ascii")),))
+                return
         self._open_channel()
         try:
             reply = await getattr(self._refunds, method)(
@@ -226,6 +273,9 @@ class EdgeApp:
             answer = answers.from_rpc_error(error)
         else:
             answer = to_answer(reply)
+        if merchant is not None and self.rate_limiter is not None \
+                and answer.code is ResponseCode.AUTHENTICATION_FAILED:
+            self.rate_limiter.give_back(merchant)  # not this merchant's request: a forger spends nothing of its budget
         await self._answer(responder, answer)
 
     @staticmethod
@@ -325,6 +375,8 @@ def _parse_envelope(body: bytes) -> tuple[bytes, str] | Answer:
         raw = request.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
         return answers.invalid_request("request is not valid Unicode text")
+    if not signature.isascii():  # base64 is ASCII; anything else (a lone surrogate too) cannot be one
+        return answers.invalid_request("signature must be a base64 string")
     return raw, signature
 
 
@@ -357,8 +409,9 @@ class _Responder:
     """Sends one response (JSON unless told otherwise), with X-Request-Id and,
     with a signer, X-Signature; remembers its status and response code."""
 
-    def __init__(self, send, request_id: str, signer: ResponseSigner | None = None):
+    def __init__(self, send, request_id: str, signer: ResponseSigner | None = None, *, always_200: bool = False):
         self._send = send
+        self.always_200 = always_200  # the vendor's compatibility mode: every answer with a code is HTTP 200
         self.request_id = request_id
         self._request_id_header = (b"x-request-id", request_id.encode("ascii"))
         self._signer = signer
@@ -369,7 +422,9 @@ class _Responder:
     async def answer(self, answer: Answer, extra_headers=()):
         body = answers.render(answer)
         self.response_code = answer.code
-        await self.send(answer.status, body, extra_headers)
+        if answer.code is ResponseCode.SERVICE_UNAVAILABLE and not extra_headers:
+            extra_headers = _RETRY_SOON  # safe to retry: say when
+        await self.send(200 if self.always_200 else answer.status, body, extra_headers)
 
     async def send(self, status: int, body: bytes, extra_headers=(), content_type: bytes = b"application/json"):
         headers = [(b"content-type", content_type), _NO_STORE, (b"content-length", str(len(body)).encode("ascii")),

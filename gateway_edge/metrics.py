@@ -1,4 +1,5 @@
-"""refund-edge's Prometheus metrics, served at GET /metrics (see docs/operations.md).
+"""refund-edge's Prometheus metrics, served at http://METRICS_LISTEN/metrics with
+--metrics-listen (off by default; never on the merchant-facing port; see docs/operations.md).
 
     refund_edge_requests_total{path, status}            HTTP requests answered, by HTTP status
     refund_edge_refunds_total{response_code}            POST /direct/refund answers by response code
@@ -6,6 +7,11 @@
     refund_edge_request_duration_seconds{path}          time from request to answer (histogram)
     refund_edge_requests_in_flight                      requests being answered now
     refund_edge_backend_failures_total{response_code}   answers 9001 / 9999: the service unreachable, slow or failing
+    refund_edge_open_connections                        HTTP connections open now
+    refund_edge_connections_refused_total{reason}       connections closed by a limit (gateway_edge.limits):
+        shed_idle, over_capacity, header_too_large, header_timeout, idle_timeout
+    refund_edge_overload_total                          requests answered 9001 at once: too many in flight
+    refund_edge_rate_limited_total                      requests answered 9002 (HTTP 429): a merchant over its rate
 
 `path` is one of the edge's routes, or "other" for any other path.
 """
@@ -29,6 +35,13 @@ IN_FLIGHT = Gauge("refund_edge_requests_in_flight", "HTTP requests being answere
 BACKEND_FAILURES = Counter("refund_edge_backend_failures",
                            "Answers 9001 (service unreachable or too slow) and 9999 (unexpected fault)",
                            ["response_code"])
+
+OPEN_CONNECTIONS = Gauge("refund_edge_open_connections", "HTTP connections open")
+CONNECTIONS_REFUSED = Counter("refund_edge_connections_refused",
+                              "Connections closed by a limit: shed_idle, over_capacity, header_too_large, "
+                              "header_timeout, idle_timeout", ["reason"])
+OVERLOAD = Counter("refund_edge_overload", "Requests answered 9001 at once because too many were in flight")
+RATE_LIMITED = Counter("refund_edge_rate_limited", "Requests answered 9002 (HTTP 429): a merchant over its rate limit")
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 

@@ -6,22 +6,28 @@ REFUND_EDGE_DEADLINE seconds. Prints `refund-edge listening on HOST:PORT` once
 it accepts connections. On SIGTERM or SIGINT it stops accepting, lets the
 requests in flight finish (each is bounded by the deadline) and exits 0.
 Logs are JSON lines on stderr. Optional: HTTPS (--tls-cert/--tls-key), TLS or
-mutual TLS to the service (--grpc-tls-*), signed responses (--signing-key).
+mutual TLS to the service (--grpc-tls-*), signed responses (--signing-key),
+Prometheus metrics on a listener of their own (--metrics-listen; off by default).
+Limits on connections, request heads, time and requests in flight, the
+per-merchant rate limit and the vendor's HTTP-200 mode: docs/edge.md.
 """
 
 from __future__ import annotations
 
 from service import native_logs  # noqa: F401  (first: quiets gRPC core before grpc is imported)
 
+import argparse
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
 
 import uvicorn
 
+from gateway_edge import limits, policy
 from gateway_edge import startup as edge_startup
 from gateway_edge.app import DEFAULT_BODY_TIMEOUT, DEFAULT_DEADLINE, EdgeApp
 from service import startup, telemetry, tracing
@@ -31,6 +37,9 @@ log = logging.getLogger("refund-edge")
 
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 DEFAULT_GRPC_TARGET = "127.0.0.1:50051"
+DEFAULT_RATE_LIMIT = "50/100"
+# File descriptors kept free beyond the connection cap: the gRPC channel, logs, the metrics listener.
+SPARE_FILE_DESCRIPTORS = 64
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -134,7 +143,57 @@ def parse_args(argv=None):
                              "(env REFUND_EDGE_GRPC_TLS_CERT)")
     parser.add_argument("--grpc-tls-key", default=env("REFUND_EDGE_GRPC_TLS_KEY"),
                         help="PEM private key of --grpc-tls-cert (env REFUND_EDGE_GRPC_TLS_KEY)")
+    parser.add_argument("--metrics-listen", default=env("REFUND_EDGE_METRICS_LISTEN"),
+                        help="HOST:PORT to serve Prometheus metrics on at /metrics, apart from the merchant port "
+                             "(env REFUND_EDGE_METRICS_LISTEN; default off)")
+    limit = parser.add_argument_group("limits (docs/edge.md)")
+    count = positive_int
+    limit.add_argument("--max-connections", type=count,
+                       default=from_env(parser, "REFUND_EDGE_MAX_CONNECTIONS", count, limits.DEFAULT_MAX_CONNECTIONS),
+                       help="open connections at most; beyond, the longest idle is closed, or the new one gets 503 "
+                            f"(env REFUND_EDGE_MAX_CONNECTIONS, default {limits.DEFAULT_MAX_CONNECTIONS})")
+    limit.add_argument("--max-in-flight", type=count,
+                       default=from_env(parser, "REFUND_EDGE_MAX_IN_FLIGHT", count, limits.DEFAULT_MAX_IN_FLIGHT),
+                       help="requests being answered at most; beyond, 503 with 9001 at once "
+                            f"(env REFUND_EDGE_MAX_IN_FLIGHT, default {limits.DEFAULT_MAX_IN_FLIGHT})")
+    limit.add_argument("--max-header-bytes", type=count,
+                       default=from_env(parser, "REFUND_EDGE_MAX_HEADER_BYTES", count, limits.DEFAULT_MAX_HEADER_BYTES),
+                       help="bytes of a request line and headers at most; beyond, 431 "
+                            f"(env REFUND_EDGE_MAX_HEADER_BYTES, default {limits.DEFAULT_MAX_HEADER_BYTES})")
+    limit.add_argument("--header-timeout", type=positive,
+                       default=from_env(parser, "REFUND_EDGE_HEADER_TIMEOUT", positive, limits.DEFAULT_HEADER_TIMEOUT),
+                       help="seconds to receive a request line and headers; beyond, 408 "
+                            f"(env REFUND_EDGE_HEADER_TIMEOUT, default {limits.DEFAULT_HEADER_TIMEOUT:g})")
+    limit.add_argument("--keep-alive-timeout", type=positive,
+                       default=from_env(parser, "REFUND_EDGE_KEEP_ALIVE_TIMEOUT", positive,
+                                        limits.DEFAULT_KEEP_ALIVE_TIMEOUT),
+                       help="seconds an idle keep-alive connection is kept "
+                            f"(env REFUND_EDGE_KEEP_ALIVE_TIMEOUT, default {limits.DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
+    limit.add_argument("--rate-limit", default=env("REFUND_EDGE_RATE_LIMIT") or DEFAULT_RATE_LIMIT,
+                       help="each merchant's requests per second on this edge, RATE[/BURST] or off; beyond, 429 "
+                            f"with 9002 (env REFUND_EDGE_RATE_LIMIT, default {DEFAULT_RATE_LIMIT})")
+    limit.add_argument("--merchant-rate-limit", action="append",
+                       default=_env_list("REFUND_EDGE_MERCHANT_RATE_LIMITS"), metavar="MERCHANT_ID=RATE[/BURST]|off",
+                       help="a merchant's own rate limit; repeatable (env REFUND_EDGE_MERCHANT_RATE_LIMITS, "
+                            "comma-separated)")
+    compat = parser.add_argument_group("HTTP statuses (docs/edge.md)")
+    modes = " or ".join(mode.value for mode in policy.StatusMode)
+    compat.add_argument("--status-mode", default=env("REFUND_EDGE_STATUS_MODE") or policy.StatusMode.DOCUMENTED.value,
+                        help=f"{modes}: always-200 answers HTTP 200 with the code in the body, as the vendor's "
+                             "published plugin expects (env REFUND_EDGE_STATUS_MODE, default documented)")
+    compat.add_argument("--merchant-status-mode", action="append",
+                        default=_env_list("REFUND_EDGE_MERCHANT_STATUS_MODES"), metavar="MERCHANT_ID=MODE",
+                        help="a merchant's own status mode; repeatable (env REFUND_EDGE_MERCHANT_STATUS_MODES, "
+                             "comma-separated)")
     args = parser.parse_args(argv)
+    try:
+        args.rate_limiter = policy.RateLimiter(policy.parse_rate(args.rate_limit),
+                                               policy.parse_overrides(args.merchant_rate_limit, policy.parse_rate))
+        args.status_modes = policy.StatusModes(policy.parse_status_mode(args.status_mode),
+                                               policy.parse_overrides(args.merchant_status_mode,
+                                                                      policy.parse_status_mode))
+    except ValueError as exc:
+        parser.error(str(exc))
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
@@ -146,6 +205,40 @@ def parse_args(argv=None):
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _env_list(name: str) -> list[str]:
+    value = os.environ.get(name)
+    return [value] if value else []
+
+
+def connection_cap(wanted: int) -> int:
+    """`wanted`, raising the soft limit on open files to fit it (and the spare
+    descriptors) when the hard limit allows; else the most that fits, with a warning."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + SPARE_FILE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+        if soft < needed:
+            fitting = max(1, soft - SPARE_FILE_DESCRIPTORS)
+            log.warning("--max-connections %d does not fit the open-file limit %d; using %d", wanted, soft, fitting)
+            return fitting
+    return wanted
 
 
 def main(argv=None) -> int:
@@ -165,10 +258,30 @@ def main(argv=None) -> int:
         sock = bind(args.listen)
     except OSError as exc:
         return startup.refuse(log, StartupError(f"cannot listen on {args.listen}: {exc}", startup.EXIT_FAULT))
-    app = tracing.wrap_asgi(EdgeApp(args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout,
-                                    signer=signer, grpc_credentials=credentials))
+    sockets, metrics_port = [sock], None
+    if args.metrics_listen:  # a second socket of the same server, where only /metrics is served
+        try:
+            metrics_sock = bind(args.metrics_listen)
+        except (OSError, ValueError) as exc:
+            return startup.refuse(log, StartupError(f"cannot serve metrics on {args.metrics_listen}: {exc}",
+                                                    startup.EXIT_FAULT))
+        sockets.append(metrics_sock)
+        metrics_port = metrics_sock.getsockname()[1]
+        startup.announce("refund-edge", f"refund-edge metrics on http://{shown(metrics_sock)}/metrics",
+                         metrics_address=shown(metrics_sock))
+    edge_limits = limits.EdgeLimits(
+        max_connections=connection_cap(args.max_connections), max_in_flight=args.max_in_flight,
+        max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout)
+    app = tracing.wrap_asgi(EdgeApp(
+        args.grpc_target, deadline=args.deadline, body_timeout=args.body_timeout, signer=signer,
+        grpc_credentials=credentials, max_in_flight=edge_limits.max_in_flight, rate_limiter=args.rate_limiter,
+        status_modes=args.status_modes, metrics_port=metrics_port))
+    protocol = limits.guarded_protocol(
+        edge_limits, signer, always_200=args.status_modes.default is policy.StatusMode.ALWAYS_200)
     config = uvicorn.Config(
-        app, loop="uvloop", http="httptools", ws="none", lifespan="on", interface="asgi3",
+        app, loop="uvloop", http=protocol, ws="none", lifespan="on", interface="asgi3",
+        timeout_keep_alive=edge_limits.keep_alive_timeout,
         log_config=None, log_level=args.log_level, access_log=args.access_log,
         server_header=False, proxy_headers=False,
         # In-flight requests are bounded by the body timeout and the deadline; give them that and a little more.
@@ -180,7 +293,14 @@ def main(argv=None) -> int:
     log.info("calling refund-service at %s (%s) with a %.3gs deadline; responses %s", args.grpc_target,
              "plaintext" if credentials is None else "mutual TLS" if args.grpc_tls_cert else "TLS", args.deadline,
              "signed" if signer else "unsigned")
-    EdgeServer(config, sock, edge_tls, args.tls_reload_interval).run(sockets=[sock])
+    rate = args.rate_limiter
+    log.info("limits: %d connections, %d requests in flight, %d-byte heads, %gs for a head, %gs for a body, %gs "
+             "keep-alive; rate limit per merchant %s (%d overrides); statuses %s (%d overrides)",
+             edge_limits.max_connections, edge_limits.max_in_flight, edge_limits.max_header_bytes,
+             edge_limits.header_timeout, args.body_timeout, edge_limits.keep_alive_timeout,
+             rate.default or "off", len(rate.overrides), args.status_modes.default.value,
+             len(args.status_modes.overrides or {}))
+    EdgeServer(config, sock, edge_tls, args.tls_reload_interval).run(sockets=sockets)
     return 0
 
 

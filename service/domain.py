@@ -36,6 +36,7 @@ class ResponseCode(enum.Enum):
     AMOUNT_EXCEEDS_ORDER = "4003"
     INSUFFICIENT_BALANCE = "4004"
     SERVICE_UNAVAILABLE = "9001"
+    RATE_LIMITED = "9002"
     SYSTEM_ERROR = "9999"
 
     @classmethod

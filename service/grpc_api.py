@@ -54,6 +54,7 @@ GRPC_CODES = {
     ResponseCode.AMOUNT_EXCEEDS_ORDER: grpc.StatusCode.OUT_OF_RANGE,
     ResponseCode.INSUFFICIENT_BALANCE: grpc.StatusCode.FAILED_PRECONDITION,
     ResponseCode.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ResponseCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,  # the edge's; the service never answers it
     ResponseCode.SYSTEM_ERROR: grpc.StatusCode.INTERNAL,
 }
 

@@ -111,7 +111,8 @@ def make_gateway_key(url: str, directory: Path) -> tuple[Path, Path]:
 # -- logs --------------------------------------------------------------------------
 
 # The lines a process prints on stdout for people and tests (everything else is a JSON log line).
-ANNOUNCEMENTS = re.compile(r"(refund-service listening on|refund-service metrics on|refund-edge listening on) ")
+ANNOUNCEMENTS = re.compile(r"(refund-service listening on|refund-service metrics on|refund-edge listening on"
+                           r"|refund-edge metrics on) ")
 
 
 def log_lines(output: str) -> list[dict]:

@@ -151,8 +151,9 @@ class EdgeProcess(LoggedProcess):
     """A real `refund-edge` process on a free port."""
 
     def __init__(self, grpc_target: str, *args: str, deadline: float | None = None, env: dict | None = None):
+        # No rate limit unless a test sets one: storms and hostile runs send far more than one merchant's rate.
         environment = {**os.environ, "REFUND_HTTP_LISTEN": "127.0.0.1:0", "REFUND_GRPC_TARGET": grpc_target,
-                       "PYTHONUNBUFFERED": "1", **(env or {})}
+                       "PYTHONUNBUFFERED": "1", "REFUND_EDGE_RATE_LIMIT": "off", **(env or {})}
         if deadline is not None:
             environment["REFUND_EDGE_DEADLINE"] = str(deadline)
         super().__init__("refund-edge", "gateway_edge.server", args, environment)

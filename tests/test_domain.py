@@ -477,13 +477,14 @@ def test_decision_approved_is_true_only_for_success():
         assert Decision(code).approved is (code is ResponseCode.SUCCESS)
 
 
-def test_response_codes_match_the_table_of_api_md_section_4():
+def test_response_codes_match_the_table_of_api_md_section_4_and_the_edges_rate_limit():
     assert {c.name: c.value for c in ResponseCode} == {
         "SUCCESS": "0000", "INVALID_REQUEST": "1001", "INVALID_AMOUNT": "1002", "IDEMPOTENCY_CONFLICT": "1003",
         "AUTHENTICATION_FAILED": "2001", "MERCHANT_INACTIVE": "2002", "REQUEST_EXPIRED": "2003",
         "ORDER_NOT_FOUND": "3001", "ORDER_NOT_REFUNDABLE": "3002", "ALREADY_REFUNDED": "3003",
         "REFUND_NOT_SUPPORTED": "4001", "PARTIAL_REFUND_NOT_SUPPORTED": "4002", "AMOUNT_EXCEEDS_ORDER": "4003",
-        "INSUFFICIENT_BALANCE": "4004", "SERVICE_UNAVAILABLE": "9001", "SYSTEM_ERROR": "9999",
+        "INSUFFICIENT_BALANCE": "4004", "SERVICE_UNAVAILABLE": "9001", "RATE_LIMITED": "9002",
+        "SYSTEM_ERROR": "9999",
     }
     assert ResponseCode.by_name("ALREADY_REFUNDED") is ResponseCode.ALREADY_REFUNDED
 

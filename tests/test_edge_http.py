@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import threading
@@ -28,6 +29,7 @@ from tests.edge_fixtures import (  # noqa: E402  (after register_assert_rewrite)
     Reply,
     check_answer,
     example_key,
+    http_request,
     load_document,
     signed_body,
 )
@@ -123,7 +125,7 @@ def test_other_methods_get_405_with_allow_and_unknown_paths_get_404(fake_backend
     for path in ("/healthz", "/openapi.json"):
         reply = edge.request("POST", path, b"{}", {"Content-Type": "application/json"})
         check_answer(reply, "1001", 405)
-        assert reply.headers["allow"] == "GET"
+        assert reply.headers["allow"] == "GET, HEAD"
     for path in ("/", "/direct/refund/", "/direct/Refund", "/direct/query/", "/admin", "/../etc/passwd"):
         answer = check_answer(edge.request("POST", path, b"{}", {"Content-Type": "application/json"}), "1001", 404)
         assert answer["detail"] == "no such endpoint"
@@ -131,6 +133,38 @@ def test_other_methods_get_405_with_allow_and_unknown_paths_get_404(fake_backend
     check_answer(edge.request("POST", "/direct/refund?x=1", signed_body(example_key(), REQUEST),
                               {"Content-Type": "application/json"}), "9999", 500)
     assert backend.servicer.calls == 1
+
+
+def test_head_works_wherever_get_does(fake_backend, start_edge):
+    edge = start_edge(fake_backend("internal").address)
+    for path in ("/healthz", "/openapi.json"):
+        got, head = edge.request("GET", path), edge.request("HEAD", path)
+        assert head.status == got.status and head.body == b"", (path, head)
+        assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.body))
+        assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_metrics_are_served_on_their_own_listener_only(fake_backend, start_edge):
+    edge = start_edge(fake_backend("internal").address, "--metrics-listen", "127.0.0.1:0")
+    # Not to merchants: 404 like any unknown path on the merchant port.
+    for method in ("GET", "HEAD"):
+        assert edge.request(method, "/metrics").status == 404
+    metrics_address = re.search(r"refund-edge metrics on http://(\S+)/metrics", edge.output()).group(1)
+    host, port = metrics_address.rsplit(":", 1)
+    scraped = http_request(host, int(port), "GET", "/metrics")
+    assert scraped.status == 200 and b"refund_edge_requests_total" in scraped.body
+    head = http_request(host, int(port), "HEAD", "/metrics")
+    assert head.status == 200 and head.body == b""
+    # The metrics listener serves nothing else.
+    assert http_request(host, int(port), "GET", "/healthz").status == 404
+    assert http_request(host, int(port), "POST", "/direct/refund", b"{}",
+                        {"Content-Type": "application/json"}).status == 404
+
+
+def test_the_edge_serves_no_metrics_unless_asked(fake_backend, start_edge):
+    edge = start_edge(fake_backend("internal").address)
+    assert "metrics on" not in edge.output()
+    assert edge.request("GET", "/metrics").status == 404
 
 
 # -- 9001: back end down or slow ---------------------------------------------------
@@ -341,7 +375,8 @@ def test_the_openapi_document_is_served_and_describes_what_the_edge_does(sqlite_
     document = served.json
     assert document["openapi"].startswith("3.")
     refund_responses = document["paths"]["/direct/refund"]["post"]["responses"]
-    assert set(refund_responses) == {str(s) for s in answers.HTTP_STATUS.values()} | {"404", "405", "408", "413", "415"}
+    assert set(refund_responses) == {str(s) for s in answers.HTTP_STATUS.values()} | {"404", "405", "408", "413", "415",
+                                                                                        "431"}
     for code, status in answers.HTTP_STATUS.items():
         enum = refund_responses[str(status)]["content"]["application/json"]["schema"]["allOf"][1]
         assert code.value in enum["properties"]["responseCode"]["enum"], code

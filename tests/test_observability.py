@@ -29,7 +29,14 @@ from tests.beyond_fixtures import (  # noqa: E402  (after register_assert_rewrit
     seed,
     wait_for_log,
 )
-from tests.edge_fixtures import check_answer, envelope, example_key, sign  # noqa: E402  (after register_assert_rewrite)
+from tests.edge_fixtures import (  # noqa: E402  (after register_assert_rewrite)
+    Reply,
+    check_answer,
+    envelope,
+    example_key,
+    http_request,
+    sign,
+)
 
 pytest_plugins = ("tests.edge_fixtures",)
 
@@ -44,7 +51,13 @@ def _metrics_url(service) -> str:
 def gateway(sqlite_url, start_service, start_edge) -> Gateway:
     seed(sqlite_url)
     service = start_service(sqlite_url, "--metrics-listen", "127.0.0.1:0", "--db-timeout", "1")
-    return Gateway(sqlite_url, service, start_edge(service.address))
+    return Gateway(sqlite_url, service, start_edge(service.address, "--metrics-listen", "127.0.0.1:0"))
+
+
+def edge_metrics(gateway) -> Reply:
+    address = re.search(r"refund-edge metrics on http://(\S+)/metrics", gateway.edge.output()).group(1)
+    host, port = address.rsplit(":", 1)
+    return http_request(host, int(port), "GET", "/metrics")
 
 
 # -- request ids -------------------------------------------------------------------------
@@ -79,7 +92,7 @@ def test_a_missing_or_insane_request_id_is_replaced_by_a_new_one(gateway, sent):
 
 def test_every_response_carries_a_request_id(gateway):
     for reply in (gateway.edge.request("GET", "/healthz"), gateway.edge.request("GET", "/nowhere"),
-                  gateway.edge.post_refund(b"{}", content_type="text/plain"), gateway.edge.request("GET", "/metrics")):
+                  gateway.edge.post_refund(b"{}", content_type="text/plain"), edge_metrics(gateway)):
         assert re.fullmatch(r"[0-9a-f]{24}", reply.headers["x-request-id"])
 
 
@@ -165,7 +178,7 @@ def test_the_edge_and_the_service_expose_prometheus_metrics(gateway):
     check_answer(gateway.refund(request_text(999, "1.00")), "3001", 200)
     assert gateway.query(request_text(105)).json["responseCode"] == "0000"
 
-    edge = gateway.edge.request("GET", "/metrics")
+    edge = edge_metrics(gateway)
     assert edge.status == 200 and edge.headers["content-type"].startswith("text/plain")
     text = edge.body.decode()
     for code, count in (("0000", 1), ("3003", 1), ("3001", 1)):
@@ -196,7 +209,7 @@ def test_the_edge_and_the_service_expose_prometheus_metrics(gateway):
               for kind in ("unavailable", "timeout")]
     assert sum(errors) >= 1
     assert sample(service, "refund_service_refunds_total", method="MerchantRefund", response_code="9001") == 1
-    text = gateway.edge.request("GET", "/metrics").body.decode()
+    text = edge_metrics(gateway).body.decode()
     assert sample(text, "refund_edge_backend_failures_total", response_code="9001") == 1
 
 
