@@ -49,6 +49,8 @@ Exit status: 0 done; 1 refused (unknown merchant or key, a conflict);
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -231,15 +233,20 @@ def _stan(value) -> str:
 
 
 def public_key_pem(pem, name: str = "publicKeyPem") -> str:
-    """The canonical PEM (SubjectPublicKeyInfo) of an RSA public key of at least MIN_KEY_BITS."""
+    """The canonical PEM (SubjectPublicKeyInfo) of an RSA public key of at least MIN_KEY_BITS,
+    given as PEM (any line ends) or as bare base64 of its DER, SubjectPublicKeyInfo or
+    PKCS#1, the form the vendor's plugin shows merchants (lines and white space ignored)."""
     if not isinstance(pem, str):
         raise Invalid(f"{name} must be a string, not {_json_kind(pem)}")
     if "PRIVATE KEY" in pem:
         raise Invalid(f"{name} holds a private key: register the public key only")
     try:
-        key = serialization.load_pem_public_key(pem.encode("utf-8"))
-    except (ValueError, UnsupportedAlgorithm):
-        raise Invalid(f"{name} is not a PEM public key") from None
+        if "-----BEGIN" in pem:
+            key = serialization.load_pem_public_key(pem.strip().encode("utf-8"))
+        else:
+            key = serialization.load_der_public_key(base64.b64decode("".join(pem.split()), validate=True))
+    except (ValueError, UnsupportedAlgorithm, binascii.Error):
+        raise Invalid(f"{name} is not a public key in PEM or base64 DER") from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise Invalid(f"{name} is not an RSA key")
     if key.key_size < MIN_KEY_BITS:

@@ -27,7 +27,7 @@ import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import config, events, metrics, readiness, startup, telemetry, tracing
@@ -38,6 +38,18 @@ from service.store import StoreUnavailable, open_store
 log = logging.getLogger("refund-service")
 
 SERVICE_NAME = refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def reflection_v1(service_names) -> grpc.GenericRpcHandler:
+    """grpc.reflection.v1 (what current grpcurl and Postman ask first): the
+    same messages as v1alpha under another package name, so v1alpha's servicer
+    answers it."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    return grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info})
 
 
 async def create_server(address: str, store, *, db_timeout: float = 5.0,
@@ -49,7 +61,9 @@ async def create_server(address: str, store, *, db_timeout: float = 5.0,
     refund_pb2_grpc.add_RefundServiceServicer_to_server(RefundServicer(store, db_timeout), server)
     health_servicer = readiness.ServiceHealth(("", SERVICE_NAME))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    served = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(served, server)
+    server.add_generic_rpc_handlers((reflection_v1(served),))
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

@@ -6,6 +6,8 @@ file, then a PostgreSQL database of its own.
 
 from __future__ import annotations
 
+import base64
+
 import json
 import stat
 import subprocess
@@ -273,7 +275,7 @@ BAD_FILES = {
         "merchants[0] (id 3000001): balances[1] (currency JPY): unsettled must be a decimal string"),
     "bad PEM": (
         edited(lambda d: d["merchants"][0]["keys"][0].update(publicKeyPem="-----BEGIN PUBLIC KEY-----\nAAAA\n")),
-        "merchants[0] (id 3000001): keys[0] (keyId 2026-11): publicKeyPem is not a PEM public key"),
+        "merchants[0] (id 3000001): keys[0] (keyId 2026-11): publicKeyPem is not a public key in PEM or base64 DER"),
     "1024-bit key": (
         edited(lambda d: d["merchants"][0]["keys"][0].update(publicKeyPem=rsa_public_pem(1024))),
         "keys[0] (keyId 2026-11): publicKeyPem is a 1024-bit RSA key; at least 2048 bits are required"),
@@ -543,8 +545,10 @@ def test_key_add_and_deactivate(database_url, tmp_path, capsys):
 @pytest.mark.parametrize("pem, message", [
     (EXAMPLE_PRIVATE_KEY.read_text(), "holds a private key"),
     (rsa_public_pem(1024), "is a 1024-bit RSA key"),
-    ("hello", "is not a PEM public key"),
-], ids=["private key", "short key", "garbage"])
+    ("hello", "is not a public key in PEM or base64 DER"),
+    ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "is not a public key in PEM or base64 DER"),
+    ("QUJD\x00", "is not a public key in PEM or base64 DER"),
+], ids=["private key", "short key", "garbage", "a PEM of nothing", "base64 with a NUL"])
 def test_key_add_refuses_what_is_not_a_strong_public_key(database_url, tmp_path, capsys, pem, message):
     assert admin(database_url, "merchant", "add", "5000001", "New Shop") == 0
     pem_file = write(tmp_path, pem, "key.pem")
@@ -553,6 +557,34 @@ def test_key_add_refuses_what_is_not_a_strong_public_key(database_url, tmp_path,
 
     assert message in capsys.readouterr().err
     assert query(database_url, sa.select(schema.merchant_keys)) == []
+
+
+def _bare_base64(der: bytes, line_end: str | None) -> str:
+    text = base64.b64encode(der).decode("ascii")
+    return text if line_end is None else line_end.join(text[i:i + 64] for i in range(0, len(text), 64)) + line_end
+
+
+@pytest.mark.parametrize("form", ["PEM with CRLF", "bare base64", "bare base64 in CRLF lines",
+                                  "bare base64 of PKCS#1", "PEM with surrounding blank lines"])
+def test_key_add_accepts_pem_with_any_line_ends_and_bare_base64_as_the_vendors_plugin_shows_it(
+        database_url, tmp_path, capsys, form):
+    pem = EXAMPLE_PUBLIC_KEY.read_text()
+    key = serialization.load_pem_public_key(pem.encode())
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    text = {"PEM with CRLF": pem.replace("\n", "\r\n"),
+            "bare base64": _bare_base64(spki, None),
+            "bare base64 in CRLF lines": _bare_base64(spki, "\r\n"),
+            "bare base64 of PKCS#1": _bare_base64(key.public_bytes(serialization.Encoding.DER,
+                                                                   serialization.PublicFormat.PKCS1), "\n"),
+            "PEM with surrounding blank lines": "\r\n\n" + pem + "\n\r\n"}[form]
+    path = tmp_path / "key.txt"
+    path.write_bytes(text.encode("ascii"))
+    assert admin(database_url, "merchant", "add", "5000001", "New Shop") == 0
+
+    assert admin(database_url, "key", "add", "5000001", "k1", str(path)) == 0, capsys.readouterr().err
+
+    stored = query(database_url, sa.select(schema.merchant_keys.c.public_key_pem))
+    assert stored == [(pem,)]  # the canonical PEM, the same whatever form it was given in
 
 
 # -- errors ------------------------------------------------------------------

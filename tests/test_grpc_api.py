@@ -239,6 +239,21 @@ def test_health_and_reflection_are_served(service):
     assert {"refund.v1.RefundService", "grpc.health.v1.Health"} <= names
 
 
+def test_reflection_v1_is_served_next_to_v1alpha(service):
+    """grpc.reflection.v1 has v1alpha's messages under another package name."""
+    info = service.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    answers = list(info(iter([reflection_pb2.ServerReflectionRequest(list_services=""),
+                              reflection_pb2.ServerReflectionRequest(file_containing_symbol="refund.v1.RefundService")]),
+                        timeout=10))
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert {"refund.v1.RefundService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert answers[1].file_descriptor_response.file_descriptor_proto, answers[1]
+
+
 def test_database_down_answers_unavailable_quickly():
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing"
     running = InProcessService(url, db_timeout=1.0, connect=False)
