@@ -296,39 +296,51 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
             key = request.idempotency_key
             if key and not domain.IDEMPOTENCY_KEY.match(key):
                 raise domain.InvalidRequest("Idempotency-Key must be 1 to 64 printable ASCII characters")
+            verified = None
             if not key:
-                reply = await self._refund_with_known_keys(request.request, request.signature)
+                reply, verified = await self._refund_with_known_keys(request.request, request.signature)
                 if reply is not None:
                     return reply
-            signed = await signing.authenticate(self._store, request.request, request.signature, known=self._known)
+            signed = await signing.authenticate(self._store, request.request, request.signature, known=self._known,
+                                                verified=verified)
             if key:
                 return await self._idempotent(signed, key, lambda: self._signed_refund(signed, request.signature))
             return await self._signed_refund(signed, request.signature)
 
         return await self._call(context, operation)
 
-    async def _refund_with_known_keys(self, request: bytes, signature: str) -> refund_pb2.RefundResponse | None:
+    async def _refund_with_known_keys(self, request: bytes, signature: str) \
+            -> tuple[refund_pb2.RefundResponse | None, tuple[str, str] | None]:
         """The common signed refund in one store call: the merchant's keys, as read
         for an earlier request, verify the signature, and the store refunds only
-        while that key is still active (Store.refund's `signed_with`). None when
-        this path does not answer (merchant not seen yet, a key it does not
-        know or the store finds no longer active, a timestamp, an invalid
-        request): the full path then authenticates afresh and answers, with the
-        same codes."""
+        while that key is still active (Store.refund's `signed_with`). The reply
+        is None when this path does not answer (merchant not seen yet, a key it
+        does not know or the store finds no longer active, a timestamp, an
+        invalid request): the full path then authenticates afresh and answers,
+        with the same codes. With it, (key_id, PEM) of the key that verified, if
+        one did, so that the full path does not verify again.
+
+        The signature is checked before anything about the merchant is looked
+        at, with dummy keys for a merchant not seen (signing): this path costs
+        the same for an unknown merchant as for a known one."""
         try:
             fields = signing.parse_request(request)
-            credentials = self._known.get(domain.parse_merchant_id(fields["merchantId"]))
-            if credentials is None or credentials.status != "ACTIVE" or credentials.require_timestamp \
-                    or "timestamp" in fields:
-                return None
-            key_id = signing.verifying_key_id(request, signature, credentials)
-            if key_id is None:
-                return None
+            merchant_id = domain.parse_merchant_id(fields["merchantId"])
+        except domain.DomainError:
+            return None, None
+        credentials = self._known.get(merchant_id)
+        key_id = signing.verifying_key_id(request, signature, credentials)
+        if key_id is None:
+            return None, None
+        verified = (key_id, credentials.public_keys_pem[credentials.key_ids.index(key_id)])
+        if credentials.status != "ACTIVE" or credentials.require_timestamp or "timestamp" in fields:
+            return None, verified
+        try:
             command = signing.command_from(fields)
         except domain.DomainError:
-            return None
+            return None, verified
         result = await self._store.refund(command, signed_with=key_id)
-        return None if result is None else refund_answer(result)
+        return (None if result is None else refund_answer(result)), verified
 
     async def _signed_refund(self, signed: signing.Authenticated, signature: str) -> refund_pb2.RefundResponse:
         """Refund a verified request; the store re-checks, in the refund's own

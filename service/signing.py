@@ -4,6 +4,12 @@ of the `request` string, verified before anything in it is acted on.
 The same bytes that were verified are the bytes parsed: `authenticate` parses
 the request only to learn whose keys to use and verifies the signature over
 those bytes; the command is then built from that one parse (`command_from`).
+
+A failed check costs the same work whoever the request names, so that timing
+does not tell whether a merchant exists: every check that fails runs one RSA
+verification per candidate signature for each of at least KEY_SLOTS keys,
+using a fixed dummy key (service.dummy_keys) of the candidate's size where
+the merchant is unknown, has fewer keys, or has no key of that size.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from service import domain, strict_json
 from service.domain import ResponseCode
+from service.dummy_keys import DUMMY_PUBLIC_KEYS_PEM
 from service.store import MerchantCredentials
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 16 * 1024
 MIN_KEY_BITS = 2048
+# A failed check verifies against this many keys at least (a merchant rotating
+# its key has two), padding with the dummy key.
+KEY_SLOTS = 2
 
 
 class AuthenticationFailed(domain.DomainError):
@@ -78,29 +88,57 @@ def verify(request: bytes, signature: str, public_keys_pem) -> bool:
     return _verifying_key(request, signature, public_keys_pem) is not None
 
 
-def verifying_key_id(request: bytes, signature: str, credentials: MerchantCredentials) -> str | None:
-    """The key_id of the first of the merchant's keys that verifies the signature, or None."""
-    index = _verifying_key(request, signature, credentials.public_keys_pem)
+def verifying_key_id(request: bytes, signature: str, credentials: MerchantCredentials | None) -> str | None:
+    """The key_id of the first of the merchant's keys that verifies the signature,
+    or None (after the same work when `credentials` is None: an unknown merchant)."""
+    keys = credentials.public_keys_pem if credentials is not None else ()
+    index = _verifying_key(request, signature, keys)
     return None if index is None or index >= len(credentials.key_ids) else credentials.key_ids[index]
 
 
 def _verifying_key(request: bytes, signature: str, public_keys_pem) -> int | None:
+    """The index of the first key that verifies the signature, or None after one
+    verification per candidate and key slot (at least KEY_SLOTS of them)."""
     candidates = signature_candidates(signature)
-    for index, pem in enumerate(public_keys_pem):
-        try:
-            key = load_public_key(pem)
-        except (ValueError, UnsupportedAlgorithm) as exc:  # an unusable stored key verifies nothing
-            log.warning("skipping an unusable merchant key: %s", exc)
-            continue
-        for candidate in candidates:
-            if len(candidate) != key.key_size // 8:
-                continue
+    slots = max(len(public_keys_pem), KEY_SLOTS)
+    for index in range(slots):
+        key = None
+        if index < len(public_keys_pem):
             try:
-                key.verify(candidate, request, padding.PKCS1v15(), hashes.SHA256())
-                return index
-            except InvalidSignature:
-                pass
+                key = load_public_key(public_keys_pem[index])
+            except (ValueError, UnsupportedAlgorithm) as exc:  # an unusable stored key verifies nothing
+                log.warning("skipping an unusable merchant key: %s", exc)
+        for candidate in candidates:
+            # A signature not below the modulus is refused before any arithmetic: do the
+            # arithmetic anyway (on a dummy), or the time would tell the modulus apart.
+            if key is not None and len(candidate) == key.key_size // 8 \
+                    and int.from_bytes(candidate, "big") < _modulus(public_keys_pem[index]):
+                try:
+                    key.verify(candidate, request, padding.PKCS1v15(), hashes.SHA256())
+                    return index
+                except InvalidSignature:
+                    continue
+            _dummy_verification(candidate, request)
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _modulus(pem: str) -> int:
+    return load_public_key(pem).public_numbers().n
+
+
+def _dummy_verification(candidate: bytes, request: bytes) -> None:
+    """The work of verifying `candidate` with a key of its size (all of the
+    arithmetic), which never succeeds."""
+    pem = DUMMY_PUBLIC_KEYS_PEM.get(len(candidate) * 8)
+    if pem is None:  # no key of ours has this size: a real key of it would not verify either
+        return
+    if int.from_bytes(candidate, "big") >= _modulus(pem):
+        candidate = b"\x00" + candidate[1:]  # below the modulus, whose top bit is set
+    try:
+        load_public_key(pem).verify(candidate, request, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        pass
 
 
 def parse_request(request: bytes) -> dict:
@@ -185,17 +223,23 @@ class KnownCredentials:
         self._credentials[merchant_id] = credentials
 
 
-async def authenticate(store, request: bytes, signature: str, *,
-                       known: KnownCredentials | None = None) -> Authenticated:
+async def authenticate(store, request: bytes, signature: str, *, known: KnownCredentials | None = None,
+                       verified: tuple[str, str] | None = None) -> Authenticated:
     """Parse a signed request and verify its signature (2001 otherwise) with
-    the merchant's keys as the store has them now; they are remembered in `known`."""
+    the merchant's keys as the store has them now; they are remembered in `known`.
+    `verified`: (key_id, PEM) of a key that already verified these bytes and
+    this signature; when the store still has that key active, it is not verified again."""
     fields = parse_request(request)
     merchant_id = domain.parse_merchant_id(fields["merchantId"])
     credentials = await store.merchant_credentials(merchant_id)
     if known is not None:
         known.remember(merchant_id, credentials)
-    index = None if credentials is None else _verifying_key(request, signature, credentials.public_keys_pem)
-    if index is None:
+    if credentials is not None and verified is not None \
+            and verified in zip(credentials.key_ids, credentials.public_keys_pem):
+        return Authenticated(request, fields, merchant_id, credentials, verified[0])
+    keys = credentials.public_keys_pem if credentials is not None else ()  # unknown: the same work, on dummies
+    index = _verifying_key(request, signature, keys)
+    if index is None or credentials is None:
         raise AuthenticationFailed("authentication failed")
     key_id = credentials.key_ids[index] if index < len(credentials.key_ids) else None
     return Authenticated(request, fields, merchant_id, credentials, key_id)
