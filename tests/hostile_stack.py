@@ -1,18 +1,23 @@
 """A live stack for the hostile-input proofs (tests/test_prove_hostile*.py):
-one `refund-service` and one `refund-edge` on a SQLite file, seeded with a
-merchant (M) and its orders and another merchant (OTHER) with a key of its
-own, and the check every answer of the edge must pass."""
+one `refund-service` and one `refund-edge` on a SQLite file or a PostgreSQL
+database of its own, seeded with a merchant (M) and its orders and another
+merchant (OTHER) with a key of its own, and the check every answer of the
+edge must pass."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from gateway_edge.answers import HTTP_STATUS
 from service import db, domain
 from tests import data
-from tests.conftest import ServiceProcess
+import sqlalchemy as sa
+
+from tests.conftest import PG_ADMIN_URL, ServiceProcess, _postgres_or_skip
 from tests.edge_fixtures import (
     FORBIDDEN_IN_BODIES,
     EdgeProcess,
@@ -71,14 +76,41 @@ class HostileStack:
         self.replies.append(reply)
         return reply
 
+    def query(self, body: bytes) -> Reply:
+        reply = self.edge.request("POST", "/direct/query", body, {"Content-Type": "application/json"})
+        self.replies.append(reply)
+        return reply
+
     def close(self):
         for process in (self.edge, self.service):
             process.stop()
 
 
-def start_stack(directory) -> HostileStack:
-    url = f"sqlite:///{directory / 'hostile.db'}"
-    db.migrate(url)
+@contextlib.contextmanager
+def database(kind: str, directory):
+    """The URL of a migrated, empty database: a SQLite file in `directory`, or a
+    PostgreSQL database of its own, dropped afterwards."""
+    if kind == "sqlite":
+        url = f"sqlite:///{directory / 'hostile.db'}"
+        db.migrate(url)
+        yield url
+        return
+    engine = _postgres_or_skip()
+    name = f"refund_hostile_{uuid.uuid4().hex[:12]}"
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        db.migrate(url)
+        yield url
+    finally:
+        with engine.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def start_stack(url: str) -> HostileStack:
+    """Seed the migrated database at `url` and start a service and an edge on it."""
     data.load(url, [data.merchant(M, public_pem(key_m()), balances={"HKD": "10000.00", "JPY": "100000",
                                                                     "BHD": "100.000"}),
                     data.merchant(OTHER, public_pem(key_other()), balances={"HKD": "10000.00"})], seed_orders())
@@ -99,7 +131,8 @@ def check_reply(reply: Reply, allowed: set[str] | None = None, expected: str | N
     assert reply.status < 500, (reply.status, reply.body)
     assert reply.headers.get("content-type") == "application/json", reply.headers
     body = json.loads(reply.body, parse_float=Decimal)
-    assert isinstance(body, dict) and set(body) <= {"responseCode", "message", "detail", "order", "transaction"}, body
+    assert isinstance(body, dict) and set(body) <= {"responseCode", "message", "detail", "order", "transaction",
+                                                      "transactions"}, body
     code = body["responseCode"]
     assert body["message"] == NAMES[code], body
     if reply.status in HTTP_REFUSALS:

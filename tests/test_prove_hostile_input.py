@@ -9,12 +9,17 @@ with its documented code:
   too many decimals: 1002 / 400;
 - a signature that does not verify (another merchant's key, non-canonical
   base64, a request re-serialized after signing): 2001 / 401;
+- text no database can store as given, in any string field (NUL, lone
+  surrogates, thousands of characters: merchantReference, merchantId,
+  the signature), on /direct/refund and /direct/query: 1001 / 400;
+- signed timestamps anywhere in 0001..9999 with any offset: 2003 or 1001;
 - a body over 64 KiB (1 MiB): 413; another content type: 415; another
   method: 405.
 
-At the end both processes still run, /healthz says SERVING, the ledger keeps
-its invariants and nothing that looks like a card number was answered, logged
-or stored. The schemathesis run against the OpenAPI document is in
+Everything runs on SQLite and on PostgreSQL (each its own stack). At the
+end both processes still run, /healthz says SERVING, the ledger keeps its
+invariants and nothing that looks like a card number was answered, logged or
+stored. The schemathesis run against the OpenAPI document is in
 tests/test_prove_schemathesis.py.
 """
 
@@ -44,11 +49,12 @@ from tests.hostile_stack import (
     check_reply,
     key_m,
     key_other,
+    database,
     start_stack,
 )
 from tests.prove_helpers import assert_no_card_data, check_ledger, refund_text
 
-MERCHANT_CODES = {"0000", "1001", "1002", "3001", "3002", "3003", "4001", "4002", "4003", "4004"}
+MERCHANT_CODES = {"0000", "1001", "1002", "2003", "3001", "3002", "3003", "4001", "4002", "4003", "4004"}
 COUNTS: Counter = Counter()  # examples run per property, for the closing figures
 
 HOSTILE_NUMBERS = ["NaN", "-NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e-400", "1E400", "0", "-0", "0.0",
@@ -59,6 +65,35 @@ HOSTILE_NUMBERS = ["NaN", "-NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1
 ORDER_IDS = [str(FIRST_ORDER + i) for i in range(0, ORDERS, 7)] + [
     "0", "-1", "769001", "999999999", "9" * 19, "9" * 20, "1" + "0" * 5000, "1.0", "1e3", "760100.0", "true",
     "null", "\"760101\"", "\"760101 \"", "\"٧٦٠١٠١\"", "\"-760101\"", "\"0760101\"", "[760101]", "{}"]
+
+
+def _hostile_texts():
+    """Strings a database may not store as given: NUL, lone surrogates (what
+    "\\ud800" in JSON decodes to), control characters, astral characters, and
+    lengths around and far beyond the 128 characters of a reference."""
+    characters = st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr), st.sampled_from(
+        ["\x00", "\x00", "\x01", "\x7f", "\u2028", "\ufeff", "\U0001f4b3", "/", "\\", '"']))
+    return st.one_of(
+        st.lists(characters, max_size=40).map("".join),
+        st.tuples(st.integers(100, 5000), characters).map(lambda t: t[1] * t[0]),
+        st.sampled_from(["\x00", "ref-760106\x00", "\ud800", "ref-\udfff", "\udc00\ud800", "r" * 128, "r" * 129,
+                         "é" * 128, "\U0001f4b3" * 128]),
+    )
+
+
+def _timestamps():
+    """Signed timestamps from year 1 to 9999, with offsets up to +-23:59 and
+    fractions, well formed or nearly so."""
+    offsets = st.tuples(st.sampled_from("+-"), st.integers(0, 23), st.integers(0, 59)).map(
+        lambda o: f"{o[0]}{o[1]:02d}:{o[2]:02d}")
+    moments = st.tuples(st.datetimes(), st.sampled_from(["seconds", "microseconds"])).map(
+        lambda t: t[0].isoformat(timespec=t[1]))
+    return st.one_of(
+        st.tuples(moments, offsets | st.just("Z")).map("".join),
+        st.sampled_from(["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59.999999-23:59",
+                         "0001-01-01T00:00:00.000001+23:59", "2026-02-30T00:00:00Z", "2026-11-26T24:00:00Z",
+                         "0000-01-01T00:00:00Z", "10000-01-01T00:00:00Z", "2026-11-26T19:41:19+99:99"]),
+    )
 
 
 def _json_values():
@@ -78,6 +113,8 @@ def _value_texts():
         st.decimals(allow_nan=False, allow_infinity=False).map(str),
         _json_values().map(json.dumps),
         st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+        _hostile_texts().map(json.dumps),
+        _timestamps().map(json.dumps),
     )
 
 
@@ -91,8 +128,12 @@ def _request_texts(draw):
         pairs.append(("merchantId", draw(st.sampled_from(['"7600001"', '"7600001"', '"7600002"', '"7609999"']))))
         if draw(st.booleans()):
             pairs.append(("orderId", draw(st.sampled_from(ORDER_IDS))))
-        else:
+        if draw(st.integers(0, 3)) == 0:  # a reference no database stores as given
+            pairs.append(("merchantReference", json.dumps(draw(_hostile_texts()))))
+        elif draw(st.booleans()) or not pairs[-1][0] == "orderId":
             pairs.append(("merchantReference", f'"ref-{FIRST_ORDER + draw(st.integers(0, ORDERS))}"'))
+        if draw(st.integers(0, 4)) == 0:
+            pairs.append(("timestamp", json.dumps(draw(_timestamps()))))
         pairs.append(("amount", draw(st.sampled_from(HOSTILE_NUMBERS)
                                      | st.decimals(0, 200, places=draw(st.integers(0, 4))).map(str))))
         names = st.sampled_from(["timestamp", "note", "orderID", "Amount", "merchantid"]) | \
@@ -154,9 +195,15 @@ def _expected_for_unsigned_shape(request_text: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("hostile"))
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def stack(request, tmp_path_factory):
+    with database(request.param, tmp_path_factory.mktemp("hostile")) as url:
+        yield from _checked_stack(url)
+
+
+def _checked_stack(url):
+    COUNTS.clear()
+    stack = start_stack(url)
     try:
         yield stack
         # No crash: both processes still serve, the ledger is whole, nothing leaked.
@@ -193,7 +240,8 @@ def test_any_body_at_all_is_answered_1001_or_2001_and_never_crashes_the_edge(sta
 
 
 @settings(HYPOTHESIS, max_examples=150)
-@given(request=_json_values() | st.text(max_size=40), signature=_json_values() | st.text(max_size=40),
+@given(request=_json_values() | st.text(max_size=40) | _hostile_texts(),
+       signature=_json_values() | st.text(max_size=40) | _hostile_texts(),
        extra=st.dictionaries(st.text(max_size=6), _json_values(), max_size=3), duplicate=st.booleans())
 def test_any_envelope_is_answered_with_a_documented_refusal(stack: HostileStack, request, signature, extra, duplicate):
     COUNTS["envelopes"] += 1
@@ -202,7 +250,8 @@ def test_any_envelope_is_answered_with_a_documented_refusal(stack: HostileStack,
     text = json.dumps(fields)
     if duplicate:  # the same key twice in the envelope
         text = text[:-1] + ', "request": ' + json.dumps(request) + "}"
-        check_reply(stack.send(text.encode("utf-8", "surrogatepass")), expected="1001", status=400)
+        body = text.encode("utf-8", "surrogatepass")
+        check_reply(stack.send(body), expected="1001", status=400 if len(body) <= 64 * 1024 else 413)
         return
     code = check_reply(stack.send(text.encode("utf-8", "surrogatepass")), allowed={"1001", "2001"})
     if not (isinstance(request, str) and isinstance(signature, str)):
@@ -228,11 +277,42 @@ def test_any_signed_request_is_answered_with_its_documented_code(stack: HostileS
     if expected is not None:
         assert code == expected, (code, request[:200])
         return
-    merchant = strict_json.loads(raw)["merchantId"]
-    if (signer, merchant) not in (("m", str(M)), ("other", str(OTHER))):
+    fields = strict_json.loads(raw)
+    if (signer, fields["merchantId"]) not in (("m", str(M)), ("other", str(OTHER))):
         assert code == "2001", (code, request[:200])  # another merchant's key, or an unknown merchant
     else:
         assert code in MERCHANT_CODES, (code, request[:200])
+        if _unstorable(fields.get("merchantReference")):  # refused before the database (or the timestamp first)
+            assert code in ("1001", "2003"), (code, request[:200])
+
+
+def _unstorable(text) -> bool:
+    return isinstance(text, str) and (len(text) > 128 or any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in text))
+
+
+@settings(HYPOTHESIS, max_examples=150)
+@given(reference=_hostile_texts() | st.sampled_from([f"ref-{FIRST_ORDER + i}" for i in range(0, ORDERS, 11)]),
+       order_id=st.none() | st.sampled_from([FIRST_ORDER + 6, 769_001, 1]), signer=st.sampled_from(["m", "other"]),
+       timestamp=st.none() | _timestamps())
+def test_any_order_query_is_answered_with_its_documented_code(stack: HostileStack, reference, order_id, signer,
+                                                             timestamp):
+    COUNTS["order queries"] += 1
+    fields = {"merchantId": str(M)}
+    if order_id is not None:
+        fields["orderId"] = order_id
+    fields["merchantReference"] = reference
+    if timestamp is not None:
+        fields["timestamp"] = timestamp
+    request = json.dumps(fields)  # lone surrogates and NUL as \\u escapes, as JSON writes them
+    key = key_m() if signer == "m" else key_other()
+    code = check_reply(stack.query(envelope(request, sign(key, request))), allowed={"0000", "1001", "2001", "2003",
+                                                                                    "3001"})
+    if len(request) > 16 * 1024:  # too long to be looked at, whoever signed it (or over 64 KiB: 413)
+        assert code == "1001"
+    elif signer == "other":
+        assert code == "2001"
+    elif _unstorable(reference):
+        assert code in ("1001", "2003"), (code, request[:200])
 
 
 def _mutations():
@@ -357,6 +437,33 @@ def _attacks():
                                           b'"signature":"AAAA"}', 400, "1001"),
         ("UTF-16 body", good_body.decode().encode("utf-16"), 400, "1001"),
         ("BOM before the body", b"\xef\xbb\xbf" + good_body, 400, "1001"),
+        # text no database stores as given, in the signed request and in the envelope
+        ("NUL in merchantReference", _signed(refund_text(M, "100.00", reference="ref-760106\x00")), 400, "1001"),
+        ("NUL alone as merchantReference", _signed(refund_text(M, "100.00", reference="\x00")), 400, "1001"),
+        ("NUL in merchantReference with an orderId",
+         _signed(refund_text(M, "100.00", order_id=ORDER, reference="ref-760106\x00")), 400, "1001"),
+        ("lone surrogate as merchantReference", _signed(refund_text(M, "100.00", reference="\ud800")), 400, "1001"),
+        ("lone low surrogate in merchantReference", _signed(refund_text(M, "100.00", reference="ref-\udc00")),
+         400, "1001"),
+        ("129-character merchantReference", _signed(refund_text(M, "100.00", reference="r" * 129)), 400, "1001"),
+        ("5,000-character merchantReference", _signed(refund_text(M, "100.00", reference="\u00e9" * 5000)),
+         400, "1001"),
+        ("NUL in merchantId", _signed('{"merchantId":"7600001\\u0000","orderId":%d,"amount":100.00}' % ORDER),
+         400, "1001"),
+        ("lone surrogate as the signature", b'{"request":' + json.dumps(good).encode() + b',"signature":"\\ud800"}',
+         400, "1001"),
+        ("lone surrogate inside the signature", b'{"request":' + json.dumps(good).encode() + b',"signature":"'
+         + good_signature[:20].encode() + b'\\udfff' + good_signature[20:].encode() + b'"}', 400, "1001"),
+        ("NUL as the signature", b'{"request":' + json.dumps(good).encode() + b',"signature":"\\u0000"}', 401, "2001"),
+        # signed timestamps at the ends of the calendar
+        ("timestamp in year 1 at +14:00", _signed(refund_text(M, "100.00", order_id=ORDER,
+                                                             timestamp="0001-01-01T00:00:00+14:00")), 401, "2003"),
+        ("timestamp at the end of year 9999 at -14:00",
+         _signed(refund_text(M, "100.00", order_id=ORDER, timestamp="9999-12-31T23:59:59.999999-14:00")), 401, "2003"),
+        ("timestamp in year 0", _signed(refund_text(M, "100.00", order_id=ORDER, timestamp="0000-01-01T00:00:00Z")),
+         400, "1001"),
+        ("timestamp with a 99:99 offset", _signed(refund_text(M, "100.00", order_id=ORDER,
+                                                             timestamp="2026-11-26T19:41:19+99:99")), 400, "1001"),
         # wrong shapes
         ("empty body", b"", 400, "1001"),
         ("array body", b"[]", 400, "1001"),
@@ -396,6 +503,23 @@ def test_named_attack_is_refused_with_its_documented_code(stack: HostileStack, n
         assert answer in ("0000", "3003"), answer
     else:
         assert answer != "0000", "a named attack was approved"
+
+
+QUERY_ATTACKS = [
+    ("NUL in merchantReference", {"merchantReference": "ref-760106\x00"}, "1001"),
+    ("NUL in merchantReference with an orderId", {"orderId": ORDER, "merchantReference": "ref-760106\x00"}, "1001"),
+    ("lone surrogate as merchantReference", {"merchantReference": "\ud800"}, "1001"),
+    ("129-character merchantReference", {"merchantReference": "r" * 129}, "1001"),
+    ("timestamp in year 1 at +14:00", {"orderId": ORDER, "timestamp": "0001-01-01T00:00:00+14:00"}, "2003"),
+    ("the order itself", {"orderId": ORDER}, "0000"),
+]
+
+
+@pytest.mark.parametrize("name, fields, code", QUERY_ATTACKS, ids=[a[0] for a in QUERY_ATTACKS])
+def test_named_attack_on_the_order_query_is_answered_with_its_documented_code(stack: HostileStack, name, fields,
+                                                                              code):
+    request = json.dumps({"merchantId": str(M), **fields})
+    check_reply(stack.query(envelope(request, sign(key_m(), request))), expected=code)
 
 
 def test_http_level_refusals_have_their_documented_status_and_code(stack: HostileStack):

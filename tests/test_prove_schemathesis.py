@@ -45,6 +45,7 @@ from tests.hostile_stack import (
     OTHER,
     M,
     check_reply,
+    database,
     key_m,
     start_stack,
 )
@@ -90,7 +91,12 @@ def sign_generated_bodies(context, body):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("schemathesis"))
+    with database("sqlite", tmp_path_factory.mktemp("schemathesis")) as url:
+        yield from _checked_stack(url)
+
+
+def _checked_stack(url):
+    stack = start_stack(url)
     try:
         yield stack
         assert stack.service.process.poll() is None and stack.edge.process.poll() is None
