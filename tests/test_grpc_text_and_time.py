@@ -9,6 +9,8 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from refund.v1 import refund_pb2
 from tests import data
@@ -95,3 +97,46 @@ def test_invalid_utf8_in_a_string_field_is_refused_without_a_server_fault(servic
     with pytest.raises(grpc.RpcError) as caught:
         call(broken, timeout=10)
     assert caught.value.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), caught.value
+
+
+SERVER_FAULTS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS)
+
+
+def _texts():
+    """What Python's protobuf can send: any Unicode but lone surrogates (those
+    only as bytes, above); NUL, control characters and lengths around 128 and 32."""
+    characters = st.one_of(st.characters(exclude_categories=["Cs"]),
+                           st.sampled_from(["\x00", "\x00", "\x01", "\x7f", "\U0001f4b3", "'", "%", "_"]))
+    return st.one_of(st.lists(characters, min_size=1, max_size=40).map("".join),
+                     st.tuples(st.integers(30, 300), characters).map(lambda t: t[1] * t[0]))
+
+
+def _outcome(call, request) -> grpc.StatusCode:
+    try:
+        call(request, timeout=10)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        assert error.code() not in SERVER_FAULTS, (error.code(), error.details())
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            assert error_info(error)[0].reason in ("INVALID_REQUEST", "INVALID_AMOUNT")
+        return error.code()
+
+
+@settings(deadline=None, max_examples=120, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reference=_texts(), method=st.sampled_from(["VISA", "VISA\x00", "ALIPAY"]) | _texts(),
+       seconds=st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-10**10, 3 * 10**11)),
+       nanos=st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-2, 10**9 + 1)),
+       order_id=st.integers(1, 2**63 - 1))
+def test_any_text_and_time_over_grpc_is_answered_without_a_server_fault(service, reference, method, seconds, nanos,
+                                                                         order_id):
+    stub = service.stub
+    sold = _outcome(stub.RecordSale, sale(order_id, merchant_reference=reference, payment_method=method,
+                                          create_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)))
+    storable = "\x00" not in reference and len(reference) <= 128 and "\x00" not in method and len(method) <= 32
+    in_range = 0 <= seconds <= 253402300799 and 0 <= nanos < 10**9
+    if not (storable and in_range):
+        assert sold == grpc.StatusCode.INVALID_ARGUMENT
+    _outcome(stub.GetOrder, refund_pb2.GetOrderRequest(merchant_id=str(MERCHANT), merchant_reference=reference))
+    _outcome(stub.Refund, refund_pb2.RefundRequest(merchant_id=str(MERCHANT), merchant_reference=reference,
+                                                   amount="1.00"))
