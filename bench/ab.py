@@ -26,6 +26,7 @@ from bench import run as bench
 
 def start(tree: Path, url: str) -> tuple[bench.Process, bench.Process]:
     env = {"REFUND_DATABASE_URL": url, "REFUND_GRPC_LISTEN": "127.0.0.1:0", "PYTHONPATH": f"{tree}:{tree}/gen",
+           "REFUND_EDGE_RATE_LIMIT": "off",  # one merchant at full speed; an edge without the setting ignores it
            **json.loads(os.environ.get(f"AB_ENV_{tree.name}", "{}"))}
     service = bench.Process("service", [sys.executable, "-c", "from service.server import main; main()"],
                             r"listening on (\S+)", env, cwd=tree)

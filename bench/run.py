@@ -150,8 +150,10 @@ def start_service(url: str, env: dict | None = None) -> Process:
 
 
 def start_edge(target: str, env: dict | None = None) -> Process:
+    # No rate limit: the load test is one merchant at thousands of requests a second.
     return Process("edge", [str(BIN / "refund-edge"), "--listen", "127.0.0.1:0", "--grpc-target", target,
-                            "--log-level", "warning"], r"refund-edge listening on (\S+)", {**_NO_TRACING, **(env or {})})
+                            "--log-level", "warning"], r"refund-edge listening on (\S+)",
+                   {**_NO_TRACING, "REFUND_EDGE_RATE_LIMIT": "off", **(env or {})})
 
 
 class OtlpSink:
