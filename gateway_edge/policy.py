@@ -44,11 +44,13 @@ def parse_rate(text: str) -> Rate | None:
     rate_text, _, burst_text = text.partition("/")
     try:
         per_second = float(rate_text)
+        if not (per_second > 0 and math.isfinite(per_second)):
+            raise ValueError()
         burst = int(burst_text) if burst_text else max(1, math.ceil(2 * per_second))
     except ValueError:
-        raise ValueError(f"a rate limit is RATE or RATE/BURST (requests per second, bucket size) or off, "
-                         f"not {text!r}") from None
-    if not (per_second > 0 and math.isfinite(per_second)) or burst < 1:
+        raise ValueError(f"a rate limit is RATE or RATE/BURST (a positive number of requests per second, a "
+                         f"bucket size of at least 1) or off, not {text!r}") from None
+    if burst < 1:
         raise ValueError(f"a rate limit needs a positive RATE and a BURST of at least 1, not {text!r}")
     return Rate(per_second, burst)
 
