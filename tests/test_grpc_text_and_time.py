@@ -140,3 +140,15 @@ def test_any_text_and_time_over_grpc_is_answered_without_a_server_fault(service,
     _outcome(stub.GetOrder, refund_pb2.GetOrderRequest(merchant_id=str(MERCHANT), merchant_reference=reference))
     _outcome(stub.Refund, refund_pb2.RefundRequest(merchant_id=str(MERCHANT), merchant_reference=reference,
                                                    amount="1.00"))
+
+
+@settings(deadline=None, max_examples=120, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["merchant_id", "currency", "masked_pan", "stan", "amount"]), text=_texts(),
+       settlement_id=st.sampled_from(["s-1", "s-2"]) | _texts())
+def test_any_text_in_the_other_string_fields_is_answered_without_a_server_fault(service, field, text,
+                                                                                 settlement_id):
+    _outcome(service.stub.RecordSale, sale(6000, **{field: text}))
+    settle = dict(merchant_id=str(MERCHANT), currency="HKD", amount="0.01", settlement_id=settlement_id)
+    if field in ("merchant_id", "currency", "amount"):
+        settle[field] = text
+    _outcome(service.stub.Settle, refund_pb2.SettleRequest(**settle))
