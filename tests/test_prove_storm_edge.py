@@ -41,7 +41,10 @@ FIRST_ORDER = 710_000
 def _stack(url, start_service, start_edge, count: int):
     """`count` services on `url`, each with its own edge in front; the edges' addresses."""
     services = [start_service(url, "--db-timeout", "30") for _ in range(count)]
-    edges = [start_edge(s.address, deadline=60) for s in services]
+    # All CALLS at once: beyond the edge's default caps on requests in flight and connections (which would
+    # answer the excess 9001 at once, tests/test_edge_limits.py); here the refunds themselves are storming.
+    storm_limits = {"REFUND_EDGE_MAX_IN_FLIGHT": str(2 * CALLS), "REFUND_EDGE_MAX_CONNECTIONS": str(2 * CALLS)}
+    edges = [start_edge(s.address, deadline=60, env=storm_limits) for s in services]
     return services, edges
 
 
