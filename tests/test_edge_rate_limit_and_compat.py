@@ -123,11 +123,15 @@ def test_the_default_rate_applies_to_every_merchant_and_off_turns_the_limit_off(
 def test_bad_rate_limit_settings_stop_the_edge_with_a_message(stack):
     from tests.edge_fixtures import EdgeProcess
 
-    for env in ({"REFUND_EDGE_RATE_LIMIT": "fast"}, {"REFUND_EDGE_MERCHANT_RATE_LIMITS": "abc=1"},
-                {"REFUND_EDGE_RATE_LIMIT": "0"}, {"REFUND_EDGE_STATUS_MODE": "sometimes-200"}):
+    for env, said in (({"REFUND_EDGE_RATE_LIMIT": "fast"}, "'fast'"),
+                      ({"REFUND_EDGE_MERCHANT_RATE_LIMITS": "abc=1"}, "MERCHANT_ID=VALUE"),
+                      ({"REFUND_EDGE_RATE_LIMIT": "0"}, "'0'"),
+                      ({"REFUND_EDGE_MAX_CONNECTIONS": "0"}, "REFUND_EDGE_MAX_CONNECTIONS"),
+                      ({"REFUND_EDGE_STATUS_MODE": "sometimes-200"}, "sometimes-200")):
         with pytest.raises(RuntimeError) as caught:
             EdgeProcess(stack.address, env=env)
-        assert "refund-edge: error:" in str(caught.value), env
+        lines = [json.loads(line) for line in str(caught.value).splitlines()[1:] if line.startswith("{")]
+        assert any(e.get("exit_code") == 2 and said in e["message"] for e in lines), (env, lines)
 
 
 # -- the HTTP-200 compatibility mode ------------------------------------------------------------
