@@ -267,7 +267,8 @@ def main(argv=None) -> int:
                                                     startup.EXIT_FAULT))
         sockets.append(metrics_sock)
         metrics_port = metrics_sock.getsockname()[1]
-        startup.announce("refund-edge", f"refund-edge metrics on http://{shown(metrics_sock)}/metrics",
+        scheme = "https" if edge_tls else "http"  # a socket of the same server: TLS like the merchant port
+        startup.announce("refund-edge", f"refund-edge metrics on {scheme}://{shown(metrics_sock)}/metrics",
                          metrics_address=shown(metrics_sock))
     edge_limits = limits.EdgeLimits(
         max_connections=connection_cap(args.max_connections), max_in_flight=args.max_in_flight,

@@ -217,9 +217,12 @@ def test_certificates_rotate_under_a_refund_loop_on_the_service_and_the_edge_wit
 def test_every_certificate_in_use_has_an_expiry_gauge_on_the_edge(sqlite_url, start_service, start_edge, pki):
     cert, key = pki.issue("edge", server=True, valid_for=dt.timedelta(days=30))
     service = start_service(sqlite_url)
-    edge = start_edge(service.address, "--tls-cert", str(cert), "--tls-key", str(key))
+    edge = start_edge(service.address, "--tls-cert", str(cert), "--tls-key", str(key),
+                      "--metrics-listen", "127.0.0.1:0")
+    metrics_address = re.search(r"refund-edge metrics on https://(\S+)/metrics", edge.output()).group(1)
     context = ssl.create_default_context(cafile=str(pki.ca_path))
-    with urllib.request.urlopen(f"https://{edge.address}/metrics", context=context, timeout=10) as response:
+    # The metrics listener is a socket of the same server: HTTPS too.
+    with urllib.request.urlopen(f"https://{metrics_address}/metrics", context=context, timeout=10) as response:
         text = response.read().decode()
     value = float(re.search(rf'^refund_tls_certificate_expiry_seconds\{{path="{re.escape(str(cert))}",'
                             rf'role="server"\}} (\S+)$', text, re.M).group(1))
