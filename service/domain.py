@@ -64,7 +64,9 @@ REFUNDABLE_STATUSES = frozenset({OrderStatus.SUCCESS.value, OrderStatus.SETTLED.
 REFUNDED_STATUSES = frozenset({OrderStatus.REFUNDED.value, OrderStatus.PARTIALLY_REFUNDED.value})
 
 # ISO 4217 minor units. Codes not listed here have 2; codes not in
-# KNOWN_CURRENCIES are refused.
+# KNOWN_CURRENCIES are refused. tests/test_currencies.py checks both against
+# ISO 4217's published list (BGN, withdrawn on 2026-01-01, stays for refunds
+# of earlier orders).
 _MINOR_UNITS_EXCEPTIONS = {
     **dict.fromkeys(
         "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF".split(), 0
@@ -80,7 +82,7 @@ KNOWN_CURRENCIES = frozenset(
     MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN
     PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP
     STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYI UYU UYW UZS VED
-    VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWG""".split()
+    VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG""".split()
 )
 
 # The most decimals any known currency has.

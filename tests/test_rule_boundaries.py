@@ -1,0 +1,275 @@
+"""Every limit and every rule comparison of service/domain.py at its edge (issue 17).
+
+Each rule is tried where it flips: the order amount and one minor unit more,
+the balance equal to the amount and one unit short, each length or digit
+limit at n and n + 1, in a currency of every precision (0, 2, 3 and 4
+decimals). `make mutation` holds these tests to the code: a mutant that moves
+one of these edges by one must fail here. The same edges on the databases'
+own statements are in tests/test_rule_boundaries_sql.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+
+from service import domain
+from service.domain import (
+    InvalidAmount,
+    InvalidRequest,
+    Order,
+    OrderSnapshot,
+    RefundCommand,
+    ResponseCode,
+    decide,
+    format_minor,
+    minor_units_by_decimals,
+    parse_decimal,
+    to_minor,
+)
+
+MERCHANT = 3000001
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+MAX = domain.MAX_MINOR_UNITS
+# One currency of each precision ISO 4217 has.
+ONE_OF_EACH_PRECISION = {"JPY": 0, "HKD": 2, "KWD": 3, "CLF": 4}
+ORDER_AMOUNTS = [1, 7619, MAX]
+
+
+def snapshot_of(currency: str, amount: int, balance: int, capability: str = "FULL_AND_PARTIAL",
+                status: str = "SUCCESS") -> OrderSnapshot:
+    order = Order(id=1001, merchant_id=MERCHANT, merchant_reference="ref-1001", currency=currency, amount=amount,
+                  status=status, payment_method="VISA", create_time=T0, update_time=T0)
+    return OrderSnapshot(order=order, refund_capability=capability, unsettled_balance=balance)
+
+
+def asking(units: int, currency: str) -> RefundCommand:
+    return RefundCommand(MERCHANT, 1001, None, format_minor(units, currency))
+
+
+def edges(currency_amounts=ORDER_AMOUNTS):
+    return [pytest.param(currency, amount, id=f"{currency}-{amount}")
+            for currency in ONE_OF_EACH_PRECISION for amount in currency_amounts]
+
+
+# --------------------------------------------------------------------------- amount against the order
+
+
+@pytest.mark.parametrize(("currency", "order_amount"), edges())
+def test_the_order_amount_is_refunded_in_full_and_one_unit_more_exceeds_it(currency, order_amount):
+    snapshot = snapshot_of(currency, order_amount, balance=MAX)
+    full = decide(asking(order_amount, currency), snapshot)
+    assert (full.code, full.amount, full.new_status) == (ResponseCode.SUCCESS, order_amount, "REFUNDED")
+    if order_amount < MAX:  # above MAX the amount itself is refused (below)
+        over = decide(asking(order_amount + 1, currency), snapshot)
+        assert over.code is ResponseCode.AMOUNT_EXCEEDS_ORDER and not over.approved
+
+
+@pytest.mark.parametrize(("currency", "order_amount"), edges([2, 7619, MAX]))
+def test_one_unit_below_the_order_amount_is_a_partial_refund(currency, order_amount):
+    partial = decide(asking(order_amount - 1, currency), snapshot_of(currency, order_amount, balance=MAX))
+    assert (partial.code, partial.amount, partial.new_status) == \
+        (ResponseCode.SUCCESS, order_amount - 1, "PARTIALLY_REFUNDED")
+
+
+@pytest.mark.parametrize(("currency", "order_amount"), edges([2, 7619, MAX]))
+def test_full_only_takes_exactly_the_order_amount(currency, order_amount):
+    snapshot = snapshot_of(currency, order_amount, balance=MAX, capability="FULL_ONLY")
+    assert decide(asking(order_amount, currency), snapshot).new_status == "REFUNDED"
+    assert decide(asking(order_amount - 1, currency), snapshot).code is ResponseCode.PARTIAL_REFUND_NOT_SUPPORTED
+    if order_amount < MAX:
+        assert decide(asking(order_amount + 1, currency), snapshot).code is ResponseCode.AMOUNT_EXCEEDS_ORDER
+
+
+@pytest.mark.parametrize("capability", ["FULL_ONLY", "FULL_AND_PARTIAL"])
+def test_the_amount_is_checked_against_the_order_before_the_balance(capability):
+    """One unit over the order with no balance at all: 4003, not 4004; one unit under
+    with FULL_ONLY and no balance: 4002, not 4004."""
+    snapshot = snapshot_of("HKD", 7619, balance=0, capability=capability)
+    assert decide(asking(7620, "HKD"), snapshot).code is ResponseCode.AMOUNT_EXCEEDS_ORDER
+    expected = ResponseCode.PARTIAL_REFUND_NOT_SUPPORTED if capability == "FULL_ONLY" else \
+        ResponseCode.INSUFFICIENT_BALANCE
+    assert decide(asking(7618, "HKD"), snapshot).code is expected
+
+
+# --------------------------------------------------------------------------- amount against the balance
+
+
+@pytest.mark.parametrize(("currency", "amount"), edges())
+def test_a_balance_equal_to_the_amount_covers_it_and_one_unit_less_does_not(currency, amount):
+    exact = decide(asking(amount, currency), snapshot_of(currency, amount, balance=amount))
+    assert exact.approved and exact.amount == amount
+    short = decide(asking(amount, currency), snapshot_of(currency, amount, balance=amount - 1))
+    assert short == domain.INSUFFICIENT_BALANCE
+
+
+@pytest.mark.parametrize(("currency", "amount"), edges([2, 7619, MAX]))
+def test_a_partial_refund_meets_the_balance_at_the_same_edge(currency, amount):
+    asked = amount - 1
+    assert decide(asking(asked, currency), snapshot_of(currency, amount, balance=asked)).approved
+    short = decide(asking(asked, currency), snapshot_of(currency, amount, balance=asked - 1))
+    assert short.code is ResponseCode.INSUFFICIENT_BALANCE
+
+
+# --------------------------------------------------------------------------- the smallest and largest amounts
+
+
+@pytest.mark.parametrize(("currency", "digits"), ONE_OF_EACH_PRECISION.items())
+def test_one_minor_unit_is_the_smallest_amount_and_a_tenth_of_it_is_refused(currency, digits):
+    one_unit = str(Decimal(1).scaleb(-digits))                     # 1, 0.01, 0.001, 0.0001
+    assert to_minor(one_unit, currency) == 1
+    assert decide(RefundCommand(MERCHANT, 1001, None, one_unit), snapshot_of(currency, 7619, MAX)).amount == 1
+    with pytest.raises(InvalidAmount, match=f"more than {digits} decimals"):
+        to_minor(str(Decimal(1).scaleb(-digits - 1)), currency)
+    with pytest.raises(InvalidAmount, match="greater than zero"):
+        to_minor(str(Decimal(0).scaleb(-digits)), currency)
+
+
+@pytest.mark.parametrize(("currency", "digits"), ONE_OF_EACH_PRECISION.items())
+def test_the_largest_amount_is_the_largest_stored_integer_and_one_unit_more_is_refused(currency, digits):
+    assert to_minor(format_minor(MAX, currency), currency) == MAX
+    with pytest.raises(InvalidAmount, match="too large"):
+        to_minor(format_minor(MAX + 1, currency), currency)
+    assert minor_units_by_decimals(format_minor(MAX, currency))[digits] == MAX
+    assert minor_units_by_decimals(format_minor(MAX + 1, currency))[digits] is None
+
+
+# --------------------------------------------------------------------------- length and digit limits
+
+
+def _digits(n: int) -> str:
+    """An amount of exactly n significant digits worth 1 (1.000...)."""
+    return "1." + "0" * (n - 1)
+
+
+@pytest.mark.parametrize("currency", ONE_OF_EACH_PRECISION)
+def test_forty_significant_digits_are_read_and_forty_one_are_refused(currency):
+    assert len(Decimal(_digits(40)).as_tuple().digits) == 40
+    expected = 10 ** ONE_OF_EACH_PRECISION[currency]
+    assert to_minor(_digits(40), currency) == expected
+    assert to_minor(Decimal(_digits(40)), currency) == expected
+    with pytest.raises(InvalidAmount, match="too many digits"):
+        to_minor(_digits(41), currency)
+    with pytest.raises(InvalidAmount, match="too many digits"):
+        to_minor(Decimal(_digits(41)), currency)
+
+
+def test_the_digit_limit_counts_significant_digits_whatever_the_exponent():
+    forty = "1" + "0" * 17 + "." + "0" * 22                          # 40 digits, 1e17
+    assert to_minor(forty, "JPY") == 10**17
+    with pytest.raises(InvalidAmount, match="too many digits"):
+        to_minor(forty + "0", "JPY")
+
+
+def test_an_amount_text_of_64_characters_is_read_and_65_are_refused():
+    text = "0" * 60 + "1.00"                                          # leading zeros: 3 significant digits
+    assert len(text) == 64 and to_minor(text, "HKD") == 100
+    assert parse_decimal(text) == 1
+    with pytest.raises(InvalidAmount, match="positive decimal number"):
+        to_minor("0" + text, "HKD")
+    # Surrounding blanks are not counted.
+    assert to_minor(f"  {text}  ", "HKD") == 100
+
+
+def test_an_amount_of_64_characters_is_judged_the_same_in_every_precision():
+    text = "0" * 61 + "1.0"
+    assert minor_units_by_decimals(text) == [1, 10, 100, 1000, 10000]
+    assert minor_units_by_decimals("0" + text) == [None] * 5
+
+
+@pytest.mark.parametrize("length", [12, 13, 18, 19])
+def test_a_masked_pan_of_12_to_19_characters_is_accepted(length):
+    pan = "411111" + "*" * (length - 10) + "1111"
+    assert len(pan) == length and domain.check_masked_pan(pan) == pan
+
+
+@pytest.mark.parametrize("length", [11, 20])
+def test_a_masked_pan_of_11_or_20_characters_is_refused(length):
+    pan = "411111" + "*" * (length - 10) + "1111"
+    assert len(pan) == length
+    with pytest.raises(InvalidRequest, match="maskedPan"):
+        domain.check_masked_pan(pan)
+
+
+def test_a_masked_pan_shows_at_most_15_masked_characters():
+    assert domain.check_masked_pan("*" * 15) == "*" * 15
+    with pytest.raises(InvalidRequest):
+        domain.check_masked_pan("*" * 16)
+
+
+def test_an_idempotency_key_is_1_to_64_printable_characters():
+    assert domain.IDEMPOTENCY_KEY.match("k")
+    assert domain.IDEMPOTENCY_KEY.match(" ~" * 32)
+    assert not domain.IDEMPOTENCY_KEY.match("")
+    assert not domain.IDEMPOTENCY_KEY.match("k" * 65)
+    assert not domain.IDEMPOTENCY_KEY.match("k" * 63 + "\x7f")
+    assert not domain.IDEMPOTENCY_KEY.match("k" * 64 + "\n")
+
+
+def test_a_merchant_id_has_at_most_18_digits():
+    assert domain.parse_merchant_id("1" * 18) == int("1" * 18)
+    with pytest.raises(InvalidRequest, match="merchantId"):
+        domain.parse_merchant_id("1" * 19)
+
+
+@pytest.mark.parametrize(("order_id", "accepted"), [(0, False), (1, True), (MAX, True), (MAX + 1, False)])
+def test_an_order_id_is_1_to_the_largest_stored_integer(order_id, accepted):
+    if accepted:
+        domain.check_order_key(order_id, None)
+    else:
+        with pytest.raises(InvalidRequest, match="orderId"):
+            domain.check_order_key(order_id, None)
+
+
+def test_a_merchant_reference_has_at_most_128_characters():
+    domain.check_order_key(None, "r" * 128)
+    with pytest.raises(InvalidRequest, match="merchantReference"):
+        domain.check_order_key(None, "r" * 129)
+
+
+# --------------------------------------------------------------------------- minor_units_by_decimals
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("76", [76, 760, 7600, 76000, 760000]),
+        ("76.19", [None, None, 7619, 76190, 761900]),
+        ("76.190", [None, None, 7619, 76190, 761900]),
+        ("0.1", [None, 1, 10, 100, 1000]),
+        ("0.001", [None, None, None, 1, 10]),
+        ("0.0001", [None, None, None, None, 1]),
+        ("0.00001", [None] * 5),
+        ("1E+2", [100, 1000, 10000, 100000, 1000000]),
+        ("0", [None] * 5),
+        ("-1", [None] * 5),
+        ("NaN", [None] * 5),
+        ("abc", [None] * 5),
+        ("", [None] * 5),
+        ("1e-999999999", [None] * 5),
+        ("1e999999999", [None] * 5),
+        ("92233720368547758.07", [None, None, MAX, None, None]),
+        ("9223372036854775807", [MAX, None, None, None, None]),
+    ],
+)
+def test_minor_units_by_decimals_reads_the_amount_for_each_precision(text, expected):
+    assert minor_units_by_decimals(text) == expected
+
+
+def test_minor_units_by_decimals_has_one_entry_per_precision_a_currency_has():
+    assert domain.MAX_DECIMALS == max(domain.minor_units(c) for c in domain.KNOWN_CURRENCIES) == 4
+    assert len(minor_units_by_decimals("1")) == domain.MAX_DECIMALS + 1
+
+
+@pytest.mark.parametrize("text", ["76.19", "76", "0.001", "0.0001", "1.5", "1e2", "0", "x", _digits(40), _digits(41),
+                                  "92233720368547758.07", "922337203685477.5807", "9223372036854775808"])
+def test_minor_units_by_decimals_agrees_with_to_minor_in_every_currency(text):
+    by_decimals = minor_units_by_decimals(text)
+    for currency in sorted(domain.KNOWN_CURRENCIES):
+        try:
+            expected = to_minor(text, currency)
+        except InvalidAmount:
+            expected = None
+        assert by_decimals[domain.minor_units(currency)] == expected, currency
