@@ -173,11 +173,11 @@ class SqliteStore:
             snapshot = None
             if row is not None:
                 order = _order(row)
-                refund = None
-                if order.status in domain.REFUNDED_STATUSES:
-                    refund_row = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
-                                            "WHERE t.order_id = ? AND t.type = 'REFUND'", (order.id,)).fetchone()
-                    refund = _transaction(refund_row) if refund_row else None
+                # Whatever the status says: a paid order with a refund row is refunded (3003),
+                # as on PostgreSQL, not a second refund the unique index would refuse.
+                refund_row = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
+                                        "WHERE t.order_id = ? AND t.type = 'REFUND'", (order.id,)).fetchone()
+                refund = _transaction(refund_row) if refund_row else None
                 snapshot = domain.OrderSnapshot(order, row[9], row[10], refund)
             decision = domain.decide(command, snapshot)
             order_id = snapshot.order.id if snapshot else command.order_id
