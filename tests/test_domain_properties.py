@@ -39,7 +39,7 @@ from service.domain import (
     to_minor,
 )
 
-DIGITS = {"HKD": 2, "JPY": 0, "BHD": 3}
+DIGITS = {"HKD": 2, "JPY": 0, "BHD": 3, "CLF": 4}
 CURRENCIES = sorted(DIGITS)
 MAX_UNITS = 10**15 - 1  # the documented maximum of any amount or balance, in minor units
 # The documented grammar of amount text, written out independently of domain.AMOUNT_TEXT.
@@ -329,16 +329,21 @@ def fake_stores(draw) -> FakeStore:
                 id=80000 + i, merchant_id=owner, order_id=order_id, type="REFUND", currency=currency,
                 amount=amount if status == "REFUNDED" else max(1, amount // 2), status="SUCCESS", masked_pan="",
                 stan="000001", create_time=T0)
+    # Balances often at an order amount's edge: equal to it, one unit short, one over.
+    edges = sorted({units for order in orders.values() for units in (order.amount - 1, order.amount, order.amount + 1)
+                    if 0 <= units <= MAX_UNITS})
     balances = {
-        (merchant, currency): draw(st.one_of(st.just(0), st.integers(0, 10**7), st.just(MAX_UNITS)))
+        (merchant, currency): draw(st.one_of(st.just(0), st.integers(0, 10**7), st.just(MAX_UNITS),
+                                             st.sampled_from(edges), st.sampled_from(edges)))
         for merchant in (MERCHANT, OTHER_MERCHANT) for currency in CURRENCIES
     }
     return FakeStore(orders=orders, capabilities=capabilities, balances=balances, preexisting_refunds=preexisting)
 
 
-def amount_texts(order: Order | None):
-    """Amounts that matter for `order`: exact, partial, over, zero, negative,
-    too many decimals, not finite, junk, and arbitrary decimals."""
+def amount_texts(order: Order | None, balance: int | None = None):
+    """Amounts that matter for `order`: exact, one unit under and over, one unit, the
+    balance and one unit over it, partial, over, zero, negative, too many decimals, not
+    finite, junk, and arbitrary decimals."""
     currency = order.currency if order else "HKD"
     digits = DIGITS[currency]
     amount = order.amount if order else 7619
@@ -362,6 +367,10 @@ def amount_texts(order: Order | None):
         st.integers(1, max(1, amount - 1)).map(fmt),                          # partial (full when amount == 1)
         st.integers(1, max(1, amount - 1)).map(fmt),
         st.just(fmt(amount + 1)),                                             # over by one minor unit
+        st.just(fmt(max(1, amount - 1))),                                     # under by one minor unit
+        st.just(fmt(1)),                                                      # the smallest amount
+        st.sampled_from([fmt(units) for units in (balance or 0, (balance or 0) + 1) if 0 < units <= amount] or
+                        [fmt(amount)]),                                       # the balance's edge
         st.integers(amount + 1, amount + 10**6).map(fmt),                     # over
         st.sampled_from(["0", "0.00", "-0", "-1", "-" + fmt(amount), "NaN", "Infinity", "-Infinity", "1e400",
                          "1e-400", "abc", "", " ", "1.00000000000000000000000000001", "9" * 5000]),
@@ -393,7 +402,8 @@ def commands(draw, store: FakeStore) -> RefundCommand:
         other = draw(st.sampled_from(order_ids + [9999]))
         order_id, merchant_reference = target, f"ref-{other}"
     command = RefundCommand(merchant_id=merchant, order_id=order_id, merchant_reference=merchant_reference,
-                            amount=draw(amount_texts(order)))
+                            amount=draw(amount_texts(order, store.balances.get((owner, order.currency)) if order
+                                                     else None)))
     event(f"merchant {'owner' if order and merchant == owner else 'not owner'}, ids {how}")
     return command
 

@@ -42,7 +42,7 @@ from tests.grpc_harness import InProcessService, error_info
 from tests.prove_helpers import read_ledger
 
 MERCHANT, OTHER = 3300001, 3300002
-CURRENCIES = {"HKD": 2, "JPY": 0, "BHD": 3}
+CURRENCIES = {"HKD": 2, "JPY": 0, "BHD": 3, "CLF": 4}
 
 
 def run(url, work):
@@ -78,11 +78,15 @@ LOOKUPS = st.sampled_from(["id", "reference", "both"] * 3 + ["id, other referenc
 
 @st.composite
 def attempts(draw):
-    """(order state, amount text, lookup): often an amount the order could take, in its currency."""
-    state = draw(ORDER_STATES)
-    whole, part = state["amount"], draw(st.integers(1, state["amount"]))
-    amount = draw(st.one_of(st.just(domain.format_minor(whole, state["currency"])),
-                            st.just(domain.format_minor(part, state["currency"])), ODD_AMOUNTS))
+    """(order state, amount text, lookup): often an amount the order could take, in its
+    currency, and often at a rule's edge: the order amount, one unit over or under it, one
+    unit; a balance equal to the amount asked, one unit short or over."""
+    state = dict(draw(ORDER_STATES))
+    whole = state["amount"]
+    units = draw(st.one_of(st.sampled_from([whole, whole + 1, max(1, whole - 1), 1]), st.integers(1, whole)))
+    amount = draw(st.one_of(st.just(domain.format_minor(units, state["currency"])),
+                            st.just(domain.format_minor(units, state["currency"])), ODD_AMOUNTS))
+    state["balance"] = draw(st.one_of(st.just(state["balance"]), st.sampled_from([units, units - 1, units + 1])))
     return state, amount, draw(LOOKUPS)
 
 

@@ -10,6 +10,7 @@ own statements are in tests/test_rule_boundaries_sql.py.
 
 from __future__ import annotations
 
+import multiprocessing
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -273,3 +274,27 @@ def test_minor_units_by_decimals_agrees_with_to_minor_in_every_currency(text):
         except InvalidAmount:
             expected = None
         assert by_decimals[domain.minor_units(currency)] == expected, currency
+
+
+# --------------------------------------------------------------------------- a fraction of a unit, at once
+
+
+def _refusal(text: str) -> str:
+    try:
+        to_minor(text, "HKD")
+    except InvalidAmount as exc:
+        return exc.message
+    return "accepted"
+
+
+def test_a_fraction_of_a_unit_with_a_huge_exponent_is_refused_without_computing_it():
+    """1e-999999999 is refused by counting digits; dividing by 10**999999997 would take
+    hours. Tried in a forked child (killed after 30 s) so that a regression fails
+    instead of hanging, and in this process at a size that stays cheap either way."""
+    assert _refusal("1e-99") == _refusal("123e-5") == "amount has more than 2 decimals for HKD"
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        answer = pool.apply_async(_refusal, ("1e-999999999",))
+        try:
+            assert answer.get(timeout=30) == "amount has more than 2 decimals for HKD"
+        except multiprocessing.TimeoutError:
+            pytest.fail("to_minor('1e-999999999') still running after 30 s")
