@@ -8,7 +8,7 @@ PY     := $(BIN)/python
 PROTOS := $(wildcard protos/refund/v1/*.proto)
 GENERATED := $(patsubst protos/%.proto,gen/%_pb2.py,$(PROTOS))
 
-.PHONY: help install proto migrate demo run test test-fast bench lint clean
+.PHONY: help install proto migrate demo run test test-fast mutation bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ test: proto ## run all tests (PostgreSQL tests skip without PostgreSQL unless RE
 test-fast: proto ## run the tests but the slow storms
 	$(BIN)/pytest -m 'not slow'
 
+mutation: proto ## mutation testing of the rules: domain.py (mutmut) and the stores' SQL conditions; ~25 min, needs PostgreSQL; not in CI
+	$(PY) -m pip install --quiet -e '.[dev,mutation]'
+	$(PY) -m mutation.run
+
 SOAK ?= 20
 BENCH_ARGS ?=
 
@@ -49,4 +53,4 @@ bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=30
 	$(PY) -m bench.run --soak $(SOAK) $(BENCH_ARGS)
 
 clean: ## remove the virtual environment, generated code and local databases
-	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info build dist refund.db refund.db-wal refund.db-shm demo
+	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info build dist refund.db refund.db-wal refund.db-shm demo mutants

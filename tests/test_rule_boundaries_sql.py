@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +30,7 @@ import pytest
 import sqlalchemy as sa
 
 from service import db, domain, schema
-from service.store import open_store
+from service.store import StoreUnavailable, open_store
 from service.store_pg import NOT_READ, PostgresStore
 from tests import data
 from tests.conftest import PG_ADMIN_URL, _postgres_or_skip
@@ -50,6 +51,16 @@ def ledger(request, tmp_path_factory):
         url = f"sqlite:///{tmp_path_factory.mktemp('edges') / 'refund.db'}"
         db.migrate(url)
         with Ledger(url) as opened:
+            yield opened
+        return
+    scratch = os.environ.get("REFUND_TEST_PG_SCRATCH_URL")
+    if scratch:  # mutation/sql.py: one migrated database for every mutant, emptied here
+        engine = db.make_engine(scratch)
+        with engine.begin() as connection:
+            tables = ", ".join(table.name for table in schema.metadata.sorted_tables)
+            connection.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        engine.dispose()
+        with Ledger(scratch) as opened:
             yield opened
         return
     engine = _postgres_or_skip()
@@ -390,4 +401,43 @@ def test_a_balance_that_falls_below_the_amount_while_the_refund_waits_is_not_deb
     assert dict(outcome.after["orders"])[order_id] == "SUCCESS"
     assert outcome.after["balances"][(MERCHANT, "HKD")] == left
     assert [t for t in outcome.after["transactions"] if t[1] == order_id and t[3] == "REFUND"] == []
+    ledger.reset_balance(case)
+
+
+# -- the guards behind domain.decide: what a wrong approval would write is refused ------
+
+
+def _approving_anything(units: int, status: str):
+    def decide(command, snapshot):
+        return domain.Decision(S.SUCCESS, "SUCCESS", amount=units, new_status=status)
+    return decide
+
+
+@pytest.mark.parametrize("order_status", ["OPEN", "VOIDED", "PARTIALLY_REFUNDED"])
+def test_sqlite_marks_only_a_paid_order_even_when_the_decision_is_wrong(ledger, monkeypatch, order_status):
+    """SQLite's write checks the status itself: were domain.decide to approve an unpaid or
+    refunded order, the transaction is rolled back and nothing is written."""
+    if ledger.postgres:
+        pytest.skip("on PostgreSQL the statement marks only the status read (see the race test above)")
+    case = Case(status=order_status)
+    order_id = ledger.make_order(case)
+    monkeypatch.setattr(domain, "decide", _approving_anything(7619, "REFUNDED"))
+    before = ledger.read()
+    with pytest.raises(RuntimeError, match="order changed"):
+        ledger.loop.run_until_complete(ledger._refund(domain.RefundCommand(MERCHANT, order_id, None, "76.19")))
+    assert ledger.read() == before
+    ledger.reset_balance(case)
+
+
+def test_no_store_debits_more_than_the_balance_even_when_the_decision_is_wrong(ledger, monkeypatch):
+    """Were domain.decide to approve one unit more than the balance, the debit's own
+    condition refuses it: nothing is written (SQLite rolls back; PostgreSQL reads and
+    decides again until it gives up with 9001)."""
+    case = Case(balance=7618)
+    order_id = ledger.make_order(case)
+    monkeypatch.setattr(domain, "decide", _approving_anything(7619, "REFUNDED"))
+    before = ledger.read()
+    with pytest.raises((RuntimeError, StoreUnavailable)):
+        ledger.loop.run_until_complete(ledger._refund(domain.RefundCommand(MERCHANT, order_id, None, "76.19")))
+    assert ledger.read() == before
     ledger.reset_balance(case)
