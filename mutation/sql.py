@@ -53,7 +53,7 @@ STORES = {
     },
     "sqlite": {
         "file": "service/store_sqlite.py",
-        "statements": {"SNAPSHOT", "CREDENTIALS_HOLD"},
+        "statements": {"SNAPSHOT", "CREDENTIALS_HOLD", "DEBIT"},
         "functions": {"_refund"},
         "tests": [["tests/test_rule_boundaries_sql.py", "-k", "sqlite"],
                   ["tests/test_refund_at_once.py", "tests/test_database_guards.py", "-k", "not postgres"]],

@@ -33,7 +33,7 @@ from service.domain import (
 
 MERCHANT = 3000001
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
-MAX = domain.MAX_MINOR_UNITS
+MAX = domain.MAX_MINOR_UNITS  # the one maximum of amounts and balances
 # One currency of each precision ISO 4217 has.
 ONE_OF_EACH_PRECISION = {"JPY": 0, "HKD": 2, "KWD": 3, "CLF": 4}
 ORDER_AMOUNTS = [1, 7619, MAX]
@@ -133,6 +133,8 @@ def test_the_largest_amount_is_the_largest_stored_integer_and_one_unit_more_is_r
     assert to_minor(format_minor(MAX, currency), currency) == MAX
     with pytest.raises(InvalidAmount, match="too large"):
         to_minor(format_minor(MAX + 1, currency), currency)
+    with pytest.raises(InvalidAmount, match="too large"):
+        to_minor(Decimal(format_minor(MAX + 1, currency)), currency)
     assert minor_units_by_decimals(format_minor(MAX, currency))[digits] == MAX
     assert minor_units_by_decimals(format_minor(MAX + 1, currency))[digits] is None
 
@@ -157,27 +159,35 @@ def test_forty_significant_digits_are_read_and_forty_one_are_refused(currency):
         to_minor(Decimal(_digits(41)), currency)
 
 
-def test_the_digit_limit_counts_significant_digits_whatever_the_exponent():
-    forty = "1" + "0" * 17 + "." + "0" * 22                          # 40 digits, 1e17
-    assert to_minor(forty, "JPY") == 10**17
+def test_the_digit_limit_counts_significant_digits_whatever_the_point():
+    forty = "10000." + "0" * 35                                        # 40 digits, 5 before the point
+    assert to_minor(forty, "JPY") == 10_000
     with pytest.raises(InvalidAmount, match="too many digits"):
         to_minor(forty + "0", "JPY")
 
 
-def test_an_amount_text_of_64_characters_is_read_and_65_are_refused():
-    text = "0" * 60 + "1.00"                                          # leading zeros: 3 significant digits
-    assert len(text) == 64 and to_minor(text, "HKD") == 100
-    assert parse_decimal(text) == 1
-    with pytest.raises(InvalidAmount, match="positive decimal number"):
-        to_minor("0" + text, "HKD")
-    # Surrounding blanks are not counted.
-    assert to_minor(f"  {text}  ", "HKD") == 100
+def test_amount_text_is_judged_by_its_value_up_to_64_characters_and_refused_unread_at_65():
+    """No amount text of 64 characters in the strict grammar is a valid amount (it has
+    over 40 digits), so the edge shows in the reason: at 64 characters the amount is
+    read and refused for its digits; at 65 it is refused before it is read."""
+    sixty_four, sixty_five = "1." + "0" * 62, "1." + "0" * 63
+    assert len(sixty_four) == 64
+    with pytest.raises(InvalidAmount, match="too many digits"):
+        to_minor(sixty_four, "HKD")
+    with pytest.raises(InvalidAmount, match="decimal string"):
+        to_minor(sixty_five, "HKD")
+    assert minor_units_by_decimals(sixty_four) == minor_units_by_decimals(sixty_five) == [None] * 5
 
 
-def test_an_amount_of_64_characters_is_judged_the_same_in_every_precision():
-    text = "0" * 61 + "1.0"
-    assert minor_units_by_decimals(text) == [1, 10, 100, 1000, 10000]
-    assert minor_units_by_decimals("0" + text) == [None] * 5
+def test_the_magnitude_check_comes_before_the_maximum_at_20_digits():
+    """Amounts of 20 or more digits before the point are refused before their digits are
+    multiplied out; 19 digits are read and then held to the maximum."""
+    with pytest.raises(InvalidAmount, match=r"^amount is too large: at most"):
+        to_minor("1" + "0" * 19, "JPY")                               # adjusted exponent 19
+    with pytest.raises(InvalidAmount, match=r"^amount is too large$"):
+        to_minor("1" + "0" * 20, "JPY")                               # 20
+    with pytest.raises(InvalidAmount, match=r"^amount is too large$"):
+        to_minor(Decimal("1E+999999999"), "JPY")
 
 
 @pytest.mark.parametrize("length", [12, 13, 18, 19])
@@ -209,13 +219,22 @@ def test_an_idempotency_key_is_1_to_64_printable_characters():
     assert not domain.IDEMPOTENCY_KEY.match("k" * 64 + "\n")
 
 
+def test_a_settlement_id_is_1_to_64_printable_characters_without_blanks():
+    assert domain.check_settlement_id("s") == "s"
+    assert domain.check_settlement_id("!~" * 32) == "!~" * 32
+    for refused in ("", "s" * 65, "s" * 63 + " ", "s" * 64 + "\n"):
+        with pytest.raises(InvalidRequest, match="settlement_id"):
+            domain.check_settlement_id(refused)
+
+
 def test_a_merchant_id_has_at_most_18_digits():
     assert domain.parse_merchant_id("1" * 18) == int("1" * 18)
     with pytest.raises(InvalidRequest, match="merchantId"):
         domain.parse_merchant_id("1" * 19)
 
 
-@pytest.mark.parametrize(("order_id", "accepted"), [(0, False), (1, True), (MAX, True), (MAX + 1, False)])
+@pytest.mark.parametrize(("order_id", "accepted"),
+                         [(0, False), (1, True), (domain.MAX_ID, True), (domain.MAX_ID + 1, False)])
 def test_an_order_id_is_1_to_the_largest_stored_integer(order_id, accepted):
     if accepted:
         domain.check_order_key(order_id, None)
@@ -243,7 +262,8 @@ def test_a_merchant_reference_has_at_most_128_characters():
         ("0.001", [None, None, None, 1, 10]),
         ("0.0001", [None, None, None, None, 1]),
         ("0.00001", [None] * 5),
-        ("1E+2", [100, 1000, 10000, 100000, 1000000]),
+        (Decimal("1E+2"), [100, 1000, 10000, 100000, 1000000]),       # a JSON number from the signed edge
+        ("1E+2", [None] * 5),                                          # not amount text
         ("0", [None] * 5),
         ("-1", [None] * 5),
         ("NaN", [None] * 5),
@@ -251,8 +271,9 @@ def test_a_merchant_reference_has_at_most_128_characters():
         ("", [None] * 5),
         ("1e-999999999", [None] * 5),
         ("1e999999999", [None] * 5),
-        ("92233720368547758.07", [None, None, MAX, None, None]),
-        ("9223372036854775807", [MAX, None, None, None, None]),
+        (format_minor(MAX, "HKD"), [None, None, MAX, None, None]),
+        (format_minor(MAX, "JPY"), [MAX, None, None, None, None]),
+        (format_minor(MAX + 1, "JPY"), [None] * 5),
     ],
 )
 def test_minor_units_by_decimals_reads_the_amount_for_each_precision(text, expected):
@@ -265,7 +286,8 @@ def test_minor_units_by_decimals_has_one_entry_per_precision_a_currency_has():
 
 
 @pytest.mark.parametrize("text", ["76.19", "76", "0.001", "0.0001", "1.5", "1e2", "0", "x", _digits(40), _digits(41),
-                                  "92233720368547758.07", "922337203685477.5807", "9223372036854775808"])
+                                  format_minor(MAX, "HKD"), format_minor(MAX, "CLF"), format_minor(MAX + 1, "JPY"),
+                                  Decimal("76.19"), Decimal("1E+2"), Decimal("1E-4")])
 def test_minor_units_by_decimals_agrees_with_to_minor_in_every_currency(text):
     by_decimals = minor_units_by_decimals(text)
     for currency in sorted(domain.KNOWN_CURRENCIES):
@@ -279,22 +301,23 @@ def test_minor_units_by_decimals_agrees_with_to_minor_in_every_currency(text):
 # --------------------------------------------------------------------------- a fraction of a unit, at once
 
 
-def _refusal(text: str) -> str:
+def _refusal(amount: Decimal) -> str:
     try:
-        to_minor(text, "HKD")
+        to_minor(amount, "HKD")
     except InvalidAmount as exc:
         return exc.message
     return "accepted"
 
 
 def test_a_fraction_of_a_unit_with_a_huge_exponent_is_refused_without_computing_it():
-    """1e-999999999 is refused by counting digits; dividing by 10**999999997 would take
-    hours. Tried in a forked child (killed after 30 s) so that a regression fails
-    instead of hanging, and in this process at a size that stays cheap either way."""
-    assert _refusal("1e-99") == _refusal("123e-5") == "amount has more than 2 decimals for HKD"
+    """Decimal("1e-999999999") (a JSON number at the signed edge) is refused by counting
+    digits; dividing by 10**999999997 would take hours. Tried in a forked child (killed
+    after 30 s) so that a regression fails instead of hanging, and in this process at a
+    size that stays cheap either way."""
+    assert _refusal(Decimal("1e-99")) == _refusal(Decimal("123e-5")) == "amount has more than 2 decimals for HKD"
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        answer = pool.apply_async(_refusal, ("1e-999999999",))
+        answer = pool.apply_async(_refusal, (Decimal("1e-999999999"),))
         try:
             assert answer.get(timeout=30) == "amount has more than 2 decimals for HKD"
         except multiprocessing.TimeoutError:
-            pytest.fail("to_minor('1e-999999999') still running after 30 s")
+            pytest.fail("to_minor(Decimal('1e-999999999')) still running after 30 s")
