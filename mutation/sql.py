@@ -16,7 +16,7 @@ run against it (the edge tests first, then the one-statement property test and
 the other store tests); a mutant that no test fails survives. The score and
 every survivor are printed; `--list` only prints the mutants.
 
-    python -m mutation.sql [--list] [--store pg|sqlite] [--keep-going]
+    python -m mutation.sql [--list] [--store pg|sqlite] [--only 15,19]
 """
 
 from __future__ import annotations
@@ -302,14 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--store", choices=sorted(STORES), action="append", help="only this store (repeatable)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds for one mutant's tests")
+    parser.add_argument("--only", type=lambda text: {int(n) for n in text.split(",")},
+                        help="only these mutants, by the numbers --list prints (e.g. 15,19)")
     args = parser.parse_args(argv)
 
     stores = args.store or sorted(STORES)
     mutants = [m for store in stores for m in mutants_of(store, (ROOT / STORES[store]["file"]).read_text())]
+    numbered = list(enumerate(mutants, 1))
+    if args.only:
+        numbered = [(n, m) for n, m in numbered if n in args.only]
     if args.list:
-        for number, mutant in enumerate(mutants, 1):
+        for number, mutant in numbered:
             print(f"{number:3d} {mutant.describe()}")
-        print(f"{len(mutants)} mutants")
+        print(f"{len(numbered)} of {len(mutants)} mutants")
         return 0
 
     started = time.monotonic()
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 if killed:
                     print(f"the tests fail without any mutant ({reason}); fix them first", file=sys.stderr)
                     return 2
-        for number, mutant in enumerate(mutants, 1):
+        for number, mutant in numbered:
             path = tree / STORES[mutant.store]["file"]
             original = path.read_text()
             path.write_text(original[:mutant.start] + mutant.replacement + original[mutant.end:])
@@ -343,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                 survivors.append(mutant)
                 print(f"{number:3d} SURVIVED {mutant.describe()}", flush=True)
     minutes = (time.monotonic() - started) / 60
-    print(f"\nSQL rule conditions: {len(killed_by)}/{len(mutants)} mutants killed "
-          f"({100 * len(killed_by) / max(1, len(mutants)):.1f}%), {len(survivors)} survived, {minutes:.1f} min")
+    tried = len(numbered)
+    print(f"\nSQL rule conditions: {len(killed_by)}/{tried} mutants killed "
+          f"({100 * len(killed_by) / max(1, tried):.1f}%), {len(survivors)} survived, {minutes:.1f} min")
     for mutant in survivors:
         print(f"  survived: {mutant.describe()}")
     return 0

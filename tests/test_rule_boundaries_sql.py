@@ -172,16 +172,25 @@ class Ledger:
                     schema.refund_attempts.c.response_code, schema.refund_attempts.c.transaction_id)),
             }
 
-    def refund(self, case: Case, order_id: int | None = None) -> Outcome:
+    def refund(self, case: Case, order_id: int | None = None, full_path: bool = False) -> Outcome:
         """The case's order refunded by MERCHANT; on PostgreSQL through the one statement
-        first and, when it does not apply, domain.decide on what it read (as the store does)."""
+        first and, when it does not apply, domain.decide on what it read (as the store does);
+        `full_path`: PostgreSQL's guarded apply alone, on a fresh read."""
         order_id = order_id or self.make_order(case)
         command = domain.RefundCommand(MERCHANT, order_id, None, case.text)
         before = self.read()
-        result, at_once = self.loop.run_until_complete(self._refund(command))
+        refund = self._full_path(command) if full_path else self._refund(command)
+        result, at_once = self.loop.run_until_complete(refund)
         after = self.read()
         self.reset_balance(case)
         return Outcome(result, at_once, before, after)
+
+    async def _full_path(self, command: domain.RefundCommand):
+        store = self.store
+        async with store._connection() as conn:
+            statements = store._statements or await store._resolve_statements(conn)
+            snapshot = await store._snapshot(conn, command)
+            return await store._decide_and_apply(conn, statements, command, snapshot), None
 
     async def _refund(self, command: domain.RefundCommand):
         store = self.store
@@ -325,6 +334,22 @@ def test_a_masked_pan_of_19_characters_is_copied_whole_to_the_refund(ledger):
     case = Case(masked_pan="550000*********0004")
     assert len(case.masked_pan) == 19
     assert_approved(ledger.refund(case), case, 7619, "REFUNDED")
+
+
+FULL_PATH = [pytest.param(case, expected, id=f"HKD-{name}") for name, case, expected in _edges("HKD", 7619)
+             if name in ("full", "one-unit-under", "full-only-full", "balance-equal", "partial-balance-equal")]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("case", "expected"), FULL_PATH)
+def test_the_guarded_apply_of_the_full_path_approves_at_the_same_edges(ledger, case, expected):
+    """What the one statement does not apply, the full path applies with _APPLY_REFUND,
+    whose own conditions re-check the read: they must let through exactly what decide
+    approved, at the edge too (a balance equal to the amount), with the sale's card number."""
+    if not ledger.postgres:
+        pytest.skip("PostgreSQL's second statement")
+    case = Case(**{**case.__dict__, "masked_pan": "550000******0004"})  # not the other orders' card
+    assert_approved(ledger.refund(case, full_path=True), case, *expected)
 
 
 # -- what the statements guard against while they wait for a row (PostgreSQL) ---------
