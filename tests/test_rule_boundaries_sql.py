@@ -34,6 +34,7 @@ from service.store import StoreUnavailable, open_store
 from service.store_pg import NOT_READ, PostgresStore
 from tests import data
 from tests.conftest import PG_ADMIN_URL, _postgres_or_skip
+from tests.edge_fixtures import generated_key, public_pem
 
 MERCHANT, OTHER = 3700001, 3700002
 MAX = domain.MAX_MINOR_UNITS
@@ -93,6 +94,7 @@ class Case:
     refunded_before: bool = False
     owner: int = MERCHANT
     masked_pan: str = PAN
+    asker: int = MERCHANT             # the merchant asking for the refund
 
     @property
     def text(self) -> str:
@@ -116,7 +118,10 @@ class Ledger:
         self.engine = db.make_engine(url)
         self.loop = asyncio.new_event_loop()
         self.ids = itertools.count(1)
-        data.load(url, [data.merchant(m, balances={c: "0" for c in CURRENCIES}) for m in (MERCHANT, OTHER)], [])
+        # OTHER has an active key "k1"; MERCHANT has none.
+        data.load(url, [data.merchant(MERCHANT, balances={c: "0" for c in CURRENCIES}),
+                        data.merchant(OTHER, public_pem(generated_key("edges")), balances={c: "0" for c in CURRENCIES})],
+                  [])
         with self.engine.begin() as connection:
             connection.execute(sa.update(schema.balances).values(unsettled=OTHERS_BALANCE))
         self.store = self.loop.run_until_complete(open_store(url))
@@ -177,7 +182,7 @@ class Ledger:
         first and, when it does not apply, domain.decide on what it read (as the store does);
         `full_path`: PostgreSQL's guarded apply alone, on a fresh read."""
         order_id = order_id or self.make_order(case)
-        command = domain.RefundCommand(MERCHANT, order_id, None, case.text)
+        command = domain.RefundCommand(case.asker, order_id, None, case.text)
         before = self.read()
         refund = self._full_path(command) if full_path else self._refund(command)
         result, at_once = self.loop.run_until_complete(refund)
@@ -233,6 +238,7 @@ def assert_declined(outcome: Outcome, case: Case, code: domain.ResponseCode) -> 
     assert {k: v for k, v in after.items() if k != "attempts"} == {k: v for k, v in before.items() if k != "attempts"}
     new = [a[1:] for a in after["attempts"][len(before["attempts"]):]]
     assert len(new) == 1 and new[0][2:4] == (case.text[:64], code.value) and new[0][4] is None
+    assert new[0][0] == case.asker
 
 
 S, C = domain.ResponseCode, CURRENCIES
@@ -303,11 +309,26 @@ def test_the_largest_order_is_refunded_in_full_and_one_unit_more_is_not_an_amoun
     assert_declined(ledger.refund(over), over, S.INVALID_AMOUNT)
 
 
-def test_only_the_merchant_s_own_balance_in_the_order_s_currency_covers_a_refund(ledger):
-    """The merchant has nothing in HKD; its USD balance and the other merchant's HKD balance are large."""
-    case = Case("HKD", balance=0)
-    assert ledger.read()["balances"][(OTHER, "HKD")] == ledger.read()["balances"][(MERCHANT, "USD")] == OTHERS_BALANCE
+@pytest.mark.parametrize("owner", [MERCHANT, OTHER])
+def test_only_the_merchant_s_own_balance_in_the_order_s_currency_covers_a_refund(ledger, owner):
+    """The order's merchant has nothing in HKD; its USD balance and the other merchant's HKD
+    balance are large (each merchant in turn, whichever balance row a database reads first)."""
+    case = Case("HKD", balance=0, owner=owner, asker=owner)
+    other = OTHER if owner == MERCHANT else MERCHANT
+    assert ledger.read()["balances"][(other, "HKD")] == ledger.read()["balances"][(owner, "USD")] == OTHERS_BALANCE
     assert_declined(ledger.refund(case), case, S.INSUFFICIENT_BALANCE)
+
+
+def test_a_key_of_another_merchant_does_not_hold_for_a_signed_refund(ledger):
+    """MERCHANT has no key; OTHER's active key is "k1". A refund for MERCHANT said to be
+    signed with "k1" writes nothing (the service then authenticates afresh)."""
+    case = Case()
+    order_id = ledger.make_order(case)
+    before = ledger.read()
+    command = domain.RefundCommand(MERCHANT, order_id, None, case.text)
+    assert ledger.loop.run_until_complete(ledger.store.refund(command, signed_with="k1")) is None
+    assert ledger.read() == before
+    ledger.reset_balance(case)
 
 
 def test_another_merchant_s_order_is_not_found(ledger):
