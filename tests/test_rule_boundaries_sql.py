@@ -104,7 +104,8 @@ class Case:
 @dataclass
 class Outcome:
     result: domain.RefundResult
-    at_once: bool | None     # PostgreSQL: made by the one statement; None on SQLite
+    at_once: bool | str | None  # PostgreSQL: made by the one statement (True), declined on what it
+                                # read (False), or "not read" (it failed: the balance fell during it); None on SQLite
     before: dict = field(repr=False)
     after: dict = field(repr=False)
 
@@ -208,6 +209,7 @@ class Ledger:
                 return found, True
             if found is NOT_READ:  # the balance fell during the statement: read again, as refund() does
                 found = await store._snapshot(conn, command)
+                return await store._decide_and_apply(conn, statements, command, found), "not read"
             return await store._decide_and_apply(conn, statements, command, found), False
 
 
@@ -233,7 +235,7 @@ def assert_declined(outcome: Outcome, case: Case, code: domain.ResponseCode) -> 
     """The code, and nothing written but the attempt's audit row."""
     result, before, after = outcome.result, outcome.before, outcome.after
     assert result.code is code, (case, result.code)
-    assert outcome.at_once in (False, None)
+    assert outcome.at_once in (False, None), "the one statement did not decline cleanly on what it read"
     assert result.transaction is None or code is domain.ResponseCode.ALREADY_REFUNDED
     assert {k: v for k, v in after.items() if k != "attempts"} == {k: v for k, v in before.items() if k != "attempts"}
     new = [a[1:] for a in after["attempts"][len(before["attempts"]):]]
