@@ -58,7 +58,10 @@ def ledger(request, tmp_path_factory):
     if scratch:  # mutation/sql.py: one migrated database for every mutant, emptied here
         engine = db.make_engine(scratch)
         with engine.begin() as connection:  # replica: the journal's append-only trigger stays quiet
-            tables = ", ".join(table.name for table in schema.metadata.sorted_tables)
+            # The service's tables (not views, not what migrations seed, such as the sequencer's row).
+            real = set(connection.execute(sa.text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")).scalars())
+            tables = ", ".join(t.name for t in schema.metadata.sorted_tables if t.name in real)
             connection.execute(sa.text("SET LOCAL session_replication_role = replica"))
             connection.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         engine.dispose()
