@@ -41,7 +41,7 @@ test: proto ## run all tests (PostgreSQL tests skip without PostgreSQL unless RE
 test-fast: proto ## run the tests but the slow storms
 	$(BIN)/pytest -m 'not slow'
 
-mutation: proto ## mutation testing of the rules: domain.py (mutmut) and the stores' SQL conditions; 11-22 min, needs PostgreSQL; not in CI
+mutation: proto ## mutation testing of the rules: domain.py (mutmut) and the stores' SQL conditions; 7-22 min, needs PostgreSQL; not in CI
 	$(PY) -m pip install --quiet -e '.[dev,mutation]'
 	$(PY) -m mutation.run
 
