@@ -83,7 +83,9 @@ def test_each_decision_says_why(attempt, found, code, message):
     (domain.minor_units, "XXX", InvalidRequest, "unknown currency 'XXX'"),
     (lambda order_id: domain.check_order_key(order_id, None), 0, InvalidRequest, "orderId must be a positive integer"),
     (lambda reference: domain.check_order_key(None, reference), "r" * 129, InvalidRequest,
-     "merchantReference is too long"),
+     "merchantReference is longer than 128 characters"),
+    (lambda reference: domain.check_order_key(None, reference), "r\x00", InvalidRequest,
+     "merchantReference holds a NUL character or a lone surrogate"),
     (lambda _: RefundCommand(MERCHANT, None, None, "1"), None, InvalidRequest,
      "orderId or merchantReference is required"),
 ])
