@@ -50,6 +50,14 @@ def adjust_balance(engine: sa.Engine, merchant_id: int, currency: str, amount: i
     LedgerRefused for another adjustment under the same id, an unknown
     merchant, or a balance that would leave [0, domain.MAX_MINOR_UNITS]."""
     adjustment_id = adjustment_id or f"adj-{uuid.uuid4()}"
+    try:
+        return _adjust(engine, merchant_id, currency, amount, reason, adjustment_id)
+    except sa.exc.IntegrityError:  # the same id, made by a concurrent command that committed first
+        return _adjust(engine, merchant_id, currency, amount, reason, adjustment_id)
+
+
+def _adjust(engine: sa.Engine, merchant_id: int, currency: str, amount: int, reason: str,
+            adjustment_id: str) -> tuple[Adjustment, bool]:
     adjustments, balances = schema.balance_adjustments, schema.balances
     now = datetime.now(timezone.utc)
     with engine.begin() as conn:

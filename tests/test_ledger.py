@@ -434,6 +434,21 @@ def test_balance_adjust_is_journaled_idempotent_and_never_overdraws(service):
     assert_ledger_holds(service.url)
 
 
+def test_concurrent_adjustments_with_one_id_move_the_balance_once(database_url):
+    data.load(database_url, [data.merchant(MERCHANT, balances={"HKD": "100.00"})], [])
+    engine = db.make_engine(database_url)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            made = list(pool.map(lambda _: ledger.adjust_balance(engine, MERCHANT, "HKD", -250, "fee", "adj-race"),
+                                 range(16)))
+    finally:
+        engine.dispose()
+    assert sum(new for _, new in made) == 1
+    assert {adjustment.balance_after for adjustment, _ in made} == {9750}
+    assert hkd_balance(database_url) == 9750
+    assert_ledger_holds(database_url)
+
+
 def test_settlements_can_be_listed(service):
     settle(service, "1.00", "batch-list-1")
     settle(service, "2.00", "batch-list-2", merchant=OTHER)
