@@ -8,6 +8,7 @@ REFUND_REQUIRE_POSTGRES=1 (set by .ci/run), where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -44,21 +45,27 @@ def _postgres_or_skip() -> sa.Engine:
     return engine
 
 
-@pytest.fixture
-def postgres_url():
-    """A migrated, empty PostgreSQL database of its own, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "refund_test"):
+    """The URL of a PostgreSQL database of its own, with no schema yet, dropped afterwards."""
     engine = _postgres_or_skip()
-    name = f"refund_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with engine.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    db.migrate(url)
     try:
-        yield url
+        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
         with engine.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         engine.dispose()
+
+
+@pytest.fixture
+def postgres_url():
+    """A migrated, empty PostgreSQL database of its own, dropped afterwards."""
+    with fresh_postgres_database() as url:
+        db.migrate(url)
+        yield url
 
 
 @pytest.fixture

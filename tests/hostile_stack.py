@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from gateway_edge.answers import HTTP_STATUS
 from service import db, domain
 from tests import data
-import sqlalchemy as sa
 
-from tests.conftest import PG_ADMIN_URL, ServiceProcess, _postgres_or_skip
+from tests.conftest import ServiceProcess, fresh_postgres_database
 from tests.edge_fixtures import (
     FORBIDDEN_IN_BODIES,
     EdgeProcess,
@@ -95,18 +93,9 @@ def database(kind: str, directory):
         db.migrate(url)
         yield url
         return
-    engine = _postgres_or_skip()
-    name = f"refund_hostile_{uuid.uuid4().hex[:12]}"
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with fresh_postgres_database("refund_hostile") as url:
         db.migrate(url)
         yield url
-    finally:
-        with engine.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 def start_stack(url: str) -> HostileStack:

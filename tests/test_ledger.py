@@ -504,20 +504,10 @@ def unmigrated_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'old.db'}"
         return
-    import uuid
+    from tests.conftest import fresh_postgres_database
 
-    from tests.conftest import PG_ADMIN_URL, _postgres_or_skip
-
-    engine = _postgres_or_skip()
-    name = f"refund_test_{uuid.uuid4().hex[:12]}"
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+    with fresh_postgres_database() as url:
+        yield url
 
 
 def test_migration_0003_journals_the_balances_and_refunds_made_before_it(unmigrated_url):

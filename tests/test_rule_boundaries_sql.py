@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -33,7 +32,7 @@ from service import db, domain, schema
 from service.store import StoreUnavailable, open_store
 from service.store_pg import NOT_READ, PostgresStore
 from tests import data
-from tests.conftest import PG_ADMIN_URL, _postgres_or_skip
+from tests.conftest import fresh_postgres_database
 from tests.edge_fixtures import generated_key, public_pem
 
 MERCHANT, OTHER = 3700001, 3700002
@@ -68,19 +67,10 @@ def ledger(request, tmp_path_factory):
         with Ledger(scratch) as opened:
             yield opened
         return
-    engine = _postgres_or_skip()
-    name = f"refund_test_{uuid.uuid4().hex[:12]}"
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with fresh_postgres_database() as url:
         db.migrate(url)
         with Ledger(url) as opened:
             yield opened
-    finally:
-        with engine.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 @dataclass
