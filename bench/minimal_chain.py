@@ -7,7 +7,7 @@ as the real one and nothing else.
 
 The service verifies `signature` over the `request` bytes with the merchant's
 key (all active keys are read once, at start) and runs the service's own
-one-statement refund (PostgresStore._refund_at_once, guarded by the key id as
+one-statement refund (PostgresStore.try_refund, guarded by the key id as
 the real path is), answering the order and the refund transaction. The edge parses
 the envelope with the standard json module and renders the answer's main fields.
 
@@ -35,13 +35,15 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from sqlalchemy.engine import make_url
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import domain, server, store_pg
+from service import domain, server
+from service.stores.port import SignedBy
+from service.stores.postgres import PostgresStore
 from service.grpc_api import order_message, transaction_message
 
 
 class MinimalService(refund_pb2_grpc.RefundServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, keys: dict, statements):
-        self.pool, self.keys, self.statements = pool, keys, statements
+    def __init__(self, store: PostgresStore, keys: dict):
+        self.store, self.keys = store, keys
 
     async def MerchantRefund(self, request, context):
         fields = json.loads(request.request)
@@ -49,9 +51,8 @@ class MinimalService(refund_pb2_grpc.RefundServiceServicer):
         key_id, key = self.keys[merchant_id]
         key.verify(base64.b64decode(request.signature), request.request, padding.PKCS1v15(), hashes.SHA256())
         command = domain.RefundCommand(merchant_id, int(fields["orderId"]), None, str(fields["amount"]))
-        async with self.pool.acquire() as conn:
-            result = await store_pg.PostgresStore._refund_at_once(conn, self.statements, command, key_id)
-        if not isinstance(result, domain.RefundResult):  # not approved as things stand: out of its scope
+        result = (await self.store.try_refund(command, SignedBy(key_id))).applied
+        if result is None:  # not approved as things stand: out of its scope
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not refunded")
         return refund_pb2.RefundResponse(response_code="0000", order=order_message(result.order),
                                          transaction=transaction_message(result.transaction))
@@ -62,13 +63,11 @@ async def serve_service(database_url: str, address: str) -> None:
     pool = await asyncpg.create_pool(host=url.host or "127.0.0.1", port=url.port or 5432, user=url.username,
                                      password=url.password, database=url.database, min_size=2, max_size=20)
     async with pool.acquire() as conn:
-        sequence = store_pg.sequence_constant(await conn.fetchval(f"SELECT {store_pg.SEQUENCE_LOOKUP}"))
         rows = await conn.fetch("SELECT merchant_id, key_id, public_key_pem FROM merchant_keys WHERE active")
     keys = {r["merchant_id"]: (r["key_id"], serialization.load_pem_public_key(r["public_key_pem"].encode()))
             for r in rows}
     grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    statements = store_pg._RefundStatements(store_pg.apply_refund(sequence), *store_pg.refund_at_once(sequence))
-    refund_pb2_grpc.add_RefundServiceServicer_to_server(MinimalService(pool, keys, statements), grpc_server)
+    refund_pb2_grpc.add_RefundServiceServicer_to_server(MinimalService(PostgresStore(pool, 5.0), keys), grpc_server)
     port = grpc_server.add_insecure_port(address)
     await grpc_server.start()
     print(f"minimal-service listening on {address.rsplit(':', 1)[0]}:{port}", flush=True)

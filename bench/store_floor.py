@@ -1,5 +1,5 @@
 """The floor of the database part of a refund: the service's own store
-(`service.store.open_store`, as `refund-service` opens it) called directly,
+(`service.stores.open_store`, as `refund-service` opens it) called directly,
 with no gRPC and no signature, `--concurrency` refunds in flight, each on a
 distinct order. Prints one JSON line like bench/loadgen_grpc.py.
 """
@@ -16,7 +16,8 @@ from collections import Counter
 
 from bench.loadgen_grpc import _cpu, percentile
 from service import domain
-from service.store import open_store
+from service.stores import open_store
+from service.usecases import refunds
 
 
 async def run(url: str, merchants: list[int], first_order: int, orders: int, amount: str, concurrency: int,
@@ -35,14 +36,14 @@ async def run(url: str, merchants: list[int], first_order: int, orders: int, amo
             command = commands[next_index]
             next_index += 1
             started = perf()
-            result = await store.refund(command)
+            result = await refunds.refund(store, command)
             latencies.append(perf() - started)
             codes[result.code.value] += 1
 
     # warm the pool and the prepared statements on a few orders first, then wait for
     # the orchestrator (which samples the database's CPU) to say go
     warm, commands = commands[:200], commands[200:]
-    await asyncio.gather(*(store.refund(command) for command in warm))
+    await asyncio.gather(*(refunds.refund(store, command) for command in warm))
     await handshake("ready")
     cpu0, wall0 = _cpu(), time.perf_counter()
     await asyncio.gather(*(worker(wall0 + duration) for _ in range(concurrency)))

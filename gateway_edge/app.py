@@ -47,7 +47,8 @@ from gateway_edge.limits import DEFAULT_MAX_IN_FLIGHT
 from gateway_edge.policy import RateLimiter, StatusMode, StatusModes, claimed_merchant
 from gateway_edge.signer import ResponseSigner
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import domain, strict_json, telemetry, tracing
+from refund_wire import strict_json
+from service import domain, telemetry, tracing
 from service.domain import ResponseCode
 
 log = logging.getLogger("refund-edge")

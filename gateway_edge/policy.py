@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
-from service import strict_json
+from refund_wire import strict_json
 
 
 class StatusMode(Enum):

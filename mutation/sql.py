@@ -44,17 +44,20 @@ PG_ADMIN_URL = os.environ.get("REFUND_TEST_PG_URL", "postgresql+psycopg://postgr
 # Where the rules are: per store, the module-level statements (by name) and the
 # functions whose SQL string literals are mutated.
 STORES = {
+    # The lists and literals of the rules (refundable statuses, capabilities) are
+    # written from service/domain.py's constants (service/stores/sql.py); mutmut
+    # mutates those constants, these mutants the conditions around them.
     "pg": {
-        "file": "service/store_pg.py",
-        "statements": {"_SNAPSHOT", "_APPLY_REFUND", "_REFUND_AT_ONCE", "_BY_ID", "_BY_REFERENCE"},
-        "functions": {"refund_at_once"},
+        "file": "service/stores/postgres_refund.py",
+        "statements": {"_SNAPSHOT", "_APPLY", "_IN_ONE_STATEMENT", "_BY_ID", "_BY_REFERENCE", "_INSERT_REFUND"},
+        "functions": {"in_one_statement"},
         "tests": [["tests/test_rule_boundaries_sql.py", "-k", "postgres"],
                   ["tests/test_refund_at_once.py", "tests/test_database_guards.py", "-k", "not sqlite"]],
     },
     "sqlite": {
-        "file": "service/store_sqlite.py",
-        "statements": {"SNAPSHOT", "CREDENTIALS_HOLD", "DEBIT"},
-        "functions": {"_refund"},
+        "file": "service/stores/sqlite.py",
+        "statements": {"SNAPSHOT", "CREDENTIALS_HOLD", "DEBIT", "MARK_REFUNDED"},
+        "functions": {"_insert_refund", "_read_snapshot"},
         "tests": [["tests/test_rule_boundaries_sql.py", "-k", "sqlite"],
                   ["tests/test_refund_at_once.py", "tests/test_database_guards.py", "-k", "not postgres"]],
     },

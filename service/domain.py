@@ -1,9 +1,12 @@
 """The refund rules of docs/api.md section 3, in plain Python.
 
-Nothing here imports grpc or sqlalchemy: the stores read a snapshot of an
-order under a lock, ask `decide` what to do, and apply the decision with
-statements that the database itself guards (a unique refund per order, a
-balance update that cannot go below zero).
+Nothing here imports grpc or sqlalchemy. The refund use case
+(service/usecases/refunds.py) reads a snapshot of an order, asks `decide`
+what to do, and has the store apply the decision with statements that the
+database itself guards: the order is marked only in the status that was read,
+the balance is debited only while it covers the amount, one refund per order.
+Every rule constant lives here; the stores' SQL is built from them
+(service/stores/sql.py).
 
 Money is integer minor units of the currency (HKD 76.19 is 7619); decimal text
 is accepted and produced only at the edges of this module.
@@ -17,31 +20,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
-
-class ResponseCode(enum.Enum):
-    """docs/api.md section 4: the value is the 4-digit code, the name its message."""
-
-    SUCCESS = "0000"
-    INVALID_REQUEST = "1001"
-    INVALID_AMOUNT = "1002"
-    IDEMPOTENCY_CONFLICT = "1003"
-    AUTHENTICATION_FAILED = "2001"
-    MERCHANT_INACTIVE = "2002"
-    REQUEST_EXPIRED = "2003"
-    ORDER_NOT_FOUND = "3001"
-    ORDER_NOT_REFUNDABLE = "3002"
-    ALREADY_REFUNDED = "3003"
-    REFUND_NOT_SUPPORTED = "4001"
-    PARTIAL_REFUND_NOT_SUPPORTED = "4002"
-    AMOUNT_EXCEEDS_ORDER = "4003"
-    INSUFFICIENT_BALANCE = "4004"
-    SERVICE_UNAVAILABLE = "9001"
-    RATE_LIMITED = "9002"
-    SYSTEM_ERROR = "9999"
-
-    @classmethod
-    def by_name(cls, name: str) -> "ResponseCode":
-        return cls[name]
+from refund_wire import currencies
+from refund_wire.codes import ResponseCode
+from refund_wire.currencies import KNOWN_CURRENCIES, MAX_DECIMALS
+from refund_wire.formats import AMOUNT_TEXT
 
 
 class RefundCapability(enum.Enum):
@@ -62,34 +44,19 @@ class OrderStatus(enum.Enum):
 
 REFUNDABLE_STATUSES = frozenset({OrderStatus.SUCCESS.value, OrderStatus.SETTLED.value})
 REFUNDED_STATUSES = frozenset({OrderStatus.REFUNDED.value, OrderStatus.PARTIALLY_REFUNDED.value})
+# An order's status after its refund: the whole amount, or a part of it.
+FULLY_REFUNDED = OrderStatus.REFUNDED.value
+PARTLY_REFUNDED = OrderStatus.PARTIALLY_REFUNDED.value
 
-# ISO 4217 minor units. Codes not listed here have 2; codes not in
-# KNOWN_CURRENCIES are refused. tests/test_currencies.py checks both against
-# ISO 4217's published list (BGN, withdrawn on 2026-01-01, stays for refunds
-# of earlier orders).
-_MINOR_UNITS_EXCEPTIONS = {
-    **dict.fromkeys(
-        "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF".split(), 0
-    ),
-    **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 3),
-    **dict.fromkeys("CLF UYW".split(), 4),
-}
-KNOWN_CURRENCIES = frozenset(
-    """AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD
-    BTN BWP BYN BZD CAD CDF CHF CLF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN
-    ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR
-    ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL
-    MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN
-    PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP
-    STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYI UYU UYW UZS VED
-    VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG""".split()
-)
+# What a payment method's refund capability allows.
+REFUNDS_ALLOWED = frozenset({RefundCapability.FULL_ONLY.value, RefundCapability.FULL_AND_PARTIAL.value})
+PARTIAL_REFUNDS_ALLOWED = frozenset({RefundCapability.FULL_AND_PARTIAL.value})
 
-# The most decimals any known currency has.
-MAX_DECIMALS = max(2, *_MINOR_UNITS_EXCEPTIONS.values())
+# Transactions: their types, and the status of every transaction the gateway makes.
+SALE = "SALE"
+REFUND = "REFUND"
+TRANSACTION_SUCCEEDED = "SUCCESS"
 
-# Idempotency-Key (docs/api.md section 7): 1 to 64 printable ASCII characters.
-IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,64}\Z")
 # A settlement batch's id for Settle: 1 to 64 printable ASCII characters, no blank.
 SETTLEMENT_ID = re.compile(r"[\x21-\x7e]{1,64}\Z")
 
@@ -121,10 +88,25 @@ class InvalidAmount(DomainError):
     code = ResponseCode.INVALID_AMOUNT
 
 
+class OrderNotFound(DomainError):
+    code = ResponseCode.ORDER_NOT_FOUND
+
+
+class IdempotencyConflict(DomainError):
+    """An Idempotency-Key or a settlement id used before for something else."""
+
+    code = ResponseCode.IDEMPOTENCY_CONFLICT
+
+
+class InsufficientBalance(DomainError):
+    code = ResponseCode.INSUFFICIENT_BALANCE
+
+
 def minor_units(currency: str) -> int:
-    if currency not in KNOWN_CURRENCIES:
+    digits = currencies.decimals(currency)
+    if digits is None:
         raise InvalidRequest(f"unknown currency {currency!r}")
-    return _MINOR_UNITS_EXCEPTIONS.get(currency, 2)
+    return digits
 
 
 def currencies_by_minor_units() -> dict[int, tuple[str, ...]]:
@@ -209,10 +191,6 @@ def format_minor(units: int, currency: str) -> str:
 
 _MASKED_PAN = re.compile(r"[0-9]{0,6}[*X]{1,15}[0-9]{0,4}")
 _STAN = re.compile(r"[0-9]{6}")
-# The one grammar of amount text (gRPC fields, load files): ASCII digits, an
-# optional fraction, nothing else: "76.19", "0.50", "500". No sign, exponent,
-# blank, leading zero, bare point or "_" ("+5", "1e1", " 5", "05", ".5", "5.").
-AMOUNT_TEXT = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?\Z")
 
 
 def check_masked_pan(masked_pan: str) -> str:
@@ -315,10 +293,10 @@ def check_text(value: str, name: str, max_length: int) -> str:
 
 @dataclass(frozen=True)
 class OrderSnapshot:
-    """What the rules need to know about an order, read under its row lock.
+    """What the rules need to know about an order, as one statement read it.
 
-    `refund` is the order's refund transaction, read only when the order's
-    status says it was refunded (an order loaded as REFUNDED may have none)."""
+    `refund` is the order's refund transaction, if it has one (an order loaded
+    as REFUNDED may have none)."""
 
     order: Order
     refund_capability: str
@@ -355,21 +333,18 @@ def decide(command: RefundCommand, snapshot: OrderSnapshot | None) -> Decision:
         return Decision(ResponseCode.ALREADY_REFUNDED, "the order was refunded before")
     if order.status not in REFUNDABLE_STATUSES:
         return Decision(ResponseCode.ORDER_NOT_REFUNDABLE, f"order status {order.status} cannot be refunded")
-    capability = RefundCapability(snapshot.refund_capability)
-    if capability is RefundCapability.NONE:
+    capability = RefundCapability(snapshot.refund_capability).value  # an unknown capability is a bug: raise
+    if capability not in REFUNDS_ALLOWED:
         return Decision(ResponseCode.REFUND_NOT_SUPPORTED, "the payment method allows no refund")
     if amount > order.amount:
         return Decision(ResponseCode.AMOUNT_EXCEEDS_ORDER, "amount is greater than the order amount")
     full = amount == order.amount
-    if not full and capability is RefundCapability.FULL_ONLY:
+    if not full and capability not in PARTIAL_REFUNDS_ALLOWED:
         return Decision(ResponseCode.PARTIAL_REFUND_NOT_SUPPORTED, "the payment method allows full refunds only")
     if snapshot.unsettled_balance < amount:
         return Decision(ResponseCode.INSUFFICIENT_BALANCE, "unsettled balance does not cover the amount")
-    new_status = OrderStatus.REFUNDED if full else OrderStatus.PARTIALLY_REFUNDED
-    return Decision(ResponseCode.SUCCESS, "SUCCESS", amount=amount, new_status=new_status.value)
-
-
-INSUFFICIENT_BALANCE = Decision(ResponseCode.INSUFFICIENT_BALANCE, "unsettled balance does not cover the amount")
+    return Decision(ResponseCode.SUCCESS, "SUCCESS", amount=amount,
+                    new_status=FULLY_REFUNDED if full else PARTLY_REFUNDED)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2
 from refund.v1 import refund_pb2
 from service import domain
 from service.schema import JOURNAL_KINDS
-from service.store import StoreUnavailable
+from service.stores.port import StoreUnavailable
 
 BATCH = 100
 POLL = 0.05
@@ -124,7 +124,7 @@ class _SqliteEvents:
 
     def _read(self, cursor, merchant, kinds):
         if self._connection is None:
-            from service.store_sqlite import connect
+            from service.stores.sqlite import connect
 
             self._connection = connect(self._path, self._timeout)
         db = self._connection
@@ -157,7 +157,7 @@ class _SqliteEvents:
 
 
 def _source_for(store):
-    from service.store_sqlite import SqliteStore
+    from service.stores.sqlite import SqliteStore
 
     if isinstance(store, SqliteStore):
         return _SqliteEvents(store._path, store._timeout)

@@ -1,127 +1,34 @@
-"""The gRPC adapter: RefundService methods over a Store.
+"""The gRPC adapter: RefundService's methods, translated to the use cases.
 
-Each method turns the request into domain values, runs one store call within
-the caller's deadline, and answers either the response message or a rich
-error (status code + google.rpc.ErrorInfo whose reason is the response-code
-name, plus a RefundDecline detail when the caller's order exists).
+Each method turns the request into plain values, runs one use case
+(service/usecases/) within the caller's deadline, and answers the response
+message or a rich error (refund_wire.status.RpcError: the status code, an
+ErrorInfo whose reason is the response code's name and, when the caller's
+order exists, a RefundDecline).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from datetime import datetime, timedelta, timezone
 
 import grpc
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from service import domain, events, freshness, metrics, signing
+from refund_wire.status import RpcError, replayed_answer, stored_answer
+from service import domain, events, metrics
 from service.domain import ResponseCode
-from service.store import (
-    ClaimState,
-    InsufficientBalance,
-    Sale,
-    SaleConflict,
-    Settlement,
-    SettlementConflict,
-    Store,
-    StoreUnavailable,
-    utc_now,
-)
+from service.stores.port import SaleConflict, Settlement, Store, StoreUnavailable
+from service.usecases import money, orders, refunds
+from service.usecases.idempotency import IdempotencyKeys, Replayed
 
 log = logging.getLogger(__name__)
 
-ERROR_DOMAIN = "refund.gateway"
-
-# The one table from response codes to gRPC status codes (docs/api.md section 5).
-GRPC_CODES = {
-    ResponseCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    ResponseCode.INVALID_AMOUNT: grpc.StatusCode.INVALID_ARGUMENT,
-    ResponseCode.IDEMPOTENCY_CONFLICT: grpc.StatusCode.ABORTED,
-    ResponseCode.AUTHENTICATION_FAILED: grpc.StatusCode.UNAUTHENTICATED,
-    ResponseCode.MERCHANT_INACTIVE: grpc.StatusCode.PERMISSION_DENIED,
-    ResponseCode.REQUEST_EXPIRED: grpc.StatusCode.UNAUTHENTICATED,
-    ResponseCode.ORDER_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ResponseCode.ORDER_NOT_REFUNDABLE: grpc.StatusCode.FAILED_PRECONDITION,
-    ResponseCode.ALREADY_REFUNDED: grpc.StatusCode.ALREADY_EXISTS,
-    ResponseCode.REFUND_NOT_SUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
-    ResponseCode.PARTIAL_REFUND_NOT_SUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
-    ResponseCode.AMOUNT_EXCEEDS_ORDER: grpc.StatusCode.OUT_OF_RANGE,
-    ResponseCode.INSUFFICIENT_BALANCE: grpc.StatusCode.FAILED_PRECONDITION,
-    ResponseCode.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ResponseCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,  # the edge's; the service never answers it
-    ResponseCode.SYSTEM_ERROR: grpc.StatusCode.INTERNAL,
-}
-
-# How often a signed refund re-reads credentials that changed under it before giving up (9001).
-MAX_CREDENTIAL_CHANGES = 3
-
 # Margin left to answer UNAVAILABLE before the caller's deadline expires.
 DEADLINE_MARGIN = 0.05
-
-# Answers that say nothing was decided: not stored, the key is released and a retry runs again.
-UNSTORED_ANSWERS = frozenset(code.value for code in (
-    ResponseCode.SERVICE_UNAVAILABLE, ResponseCode.SYSTEM_ERROR, ResponseCode.REQUEST_EXPIRED,
-    ResponseCode.AUTHENTICATION_FAILED))
-# How often a call waits-and-looks while another call holds its key.
-CLAIM_POLL_SECONDS = 0.02
-# A claim this old without an answer belongs to a call that died or could not
-# release it: it may be taken over. A call holds its claim at most its deadline,
-# which is at most db_timeout (the lease is twice that, at least 2 s).
-MIN_CLAIM_LEASE_SECONDS = 2.0
-# Tries, and the first pause between them, to release a claim whose call decided nothing.
-RELEASE_TRIES = 5
-RELEASE_FIRST_PAUSE = 0.1
-
-
-class RpcError(Exception):
-    """An error answer: grpc code, reason, message and optional detail."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str, response_code: str = "",
-                 decline: refund_pb2.RefundDecline | None = None):
-        super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
-        self.response_code, self.decline = response_code, decline
-
-    @classmethod
-    def of(cls, response: ResponseCode, message: str, decline: refund_pb2.RefundDecline | None = None) -> "RpcError":
-        return cls(GRPC_CODES[response], response.name, message, response.value, decline)
-
-    def to_proto(self) -> status_pb2.Status:
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)
-        if self.response_code:
-            info.metadata["responseCode"] = self.response_code
-        details = [_pack(info)]
-        if self.decline is not None:
-            details.append(_pack(self.decline))
-        return status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message, details=details)
-
-    def to_status(self) -> grpc.Status:
-        return rpc_status.to_status(self.to_proto())
-
-    @classmethod
-    def from_proto(cls, status: status_pb2.Status) -> "RpcError":
-        """The error that to_proto() wrote (a stored Idempotency-Key answer)."""
-        info, decline = error_details_pb2.ErrorInfo(), None
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                detail.Unpack(info)
-            elif detail.Is(refund_pb2.RefundDecline.DESCRIPTOR):
-                decline = refund_pb2.RefundDecline()
-                detail.Unpack(decline)
-        return cls(grpc.StatusCode[code_pb2.Code.Name(status.code)], info.reason, status.message,
-                   info.metadata.get("responseCode", ""), decline)
-
-
-def _pack(message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -187,22 +94,24 @@ def _order_key(order_id: int, merchant_reference: str) -> tuple[int | None, str 
     return (order_id or None), (merchant_reference or None)
 
 
-def stored_answer(answer: refund_pb2.RefundResponse | RpcError) -> bytes:
-    """An answer as an Idempotency-Key keeps it: a serialized google.rpc.Status,
-    code OK with the RefundResponse as its one detail, or the rich error."""
-    if isinstance(answer, RpcError):
-        return answer.to_proto().SerializeToString()
-    return status_pb2.Status(code=code_pb2.OK, details=[_pack(answer)]).SerializeToString()
+def encode_answer(answer: domain.RefundResult | domain.DomainError) -> bytes:
+    """A refund's answer as an Idempotency-Key stores it (refund_wire.status.stored_answer)."""
+    if isinstance(answer, domain.DomainError):
+        return stored_answer(RpcError.of(answer.code, answer.message))
+    try:
+        return stored_answer(refund_answer(answer))
+    except RpcError as error:
+        return stored_answer(error)
 
 
-def replayed_answer(stored: bytes) -> refund_pb2.RefundResponse:
-    """The stored answer again: the RefundResponse, or raises the stored RpcError."""
-    status = status_pb2.Status.FromString(stored)
-    if status.code != code_pb2.OK:
-        raise RpcError.from_proto(status)
-    reply = refund_pb2.RefundResponse()
-    status.details[0].Unpack(reply)
-    return reply
+def _reply(answer: domain.RefundResult | Replayed) -> refund_pb2.RefundResponse:
+    return replayed_answer(answer.answer) if isinstance(answer, Replayed) else refund_answer(answer)
+
+
+def order_reply(found: tuple[domain.Order, list[domain.Transaction]]) -> refund_pb2.GetOrderResponse:
+    order, transactions = found
+    return refund_pb2.GetOrderResponse(order=order_message(order),
+                                       transactions=[transaction_message(t) for t in transactions])
 
 
 class _Undecodable:
@@ -253,13 +162,11 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
     def __init__(self, store: Store, db_timeout: float = 5.0):
         self._store = store
         self._db_timeout = db_timeout
-        self._claim_lease = timedelta(seconds=max(MIN_CLAIM_LEASE_SECONDS, 2 * db_timeout))
-        self._background: set[asyncio.Task] = set()
-        self._known = signing.KnownCredentials()
+        self.refunds = refunds.Refunds(store, IdempotencyKeys(store, db_timeout, encode_answer))
         self.events = events.EventFeed(store)
 
     async def _call(self, context: grpc.aio.ServicerContext, operation):
-        """Run one store operation within the caller's deadline; answer rich errors."""
+        """Run one use case within the caller's deadline; answer rich errors."""
         remaining = context.time_remaining()
         timeout = self._db_timeout if remaining is None else max(0.0, min(self._db_timeout, remaining - DEADLINE_MARGIN))
         try:
@@ -271,6 +178,8 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
             error = exc
         except domain.DomainError as exc:
             error = RpcError.of(exc.code, exc.message)
+        except SaleConflict as exc:
+            error = RpcError.order_exists(str(exc))
         except (StoreUnavailable, asyncio.TimeoutError) as exc:
             metrics.database_error("timeout" if isinstance(exc, asyncio.TimeoutError) else "unavailable")
             log.warning("database unavailable: %s", type(exc).__name__ if not str(exc) else exc)
@@ -287,189 +196,37 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
             command = domain.RefundCommand(
                 domain.parse_merchant_id(request.merchant_id), *_order_key(request.order_id, request.merchant_reference),
                 request.amount)
-            return refund_answer(await self._store.refund(command))
+            return refund_answer(await refunds.refund(self._store, command))
 
         return await self._call(context, operation)
 
     async def MerchantRefund(self, request, context):
         async def operation():
-            key = request.idempotency_key
-            if key and not domain.IDEMPOTENCY_KEY.match(key):
-                raise domain.InvalidRequest("Idempotency-Key must be 1 to 64 printable ASCII characters")
-            verified = None
-            if not key:
-                reply, verified = await self._refund_with_known_keys(request.request, request.signature)
-                if reply is not None:
-                    return reply
-            signed = await signing.authenticate(self._store, request.request, request.signature, known=self._known,
-                                                verified=verified)
-            if key:
-                return await self._idempotent(signed, key, lambda: self._signed_refund(signed, request.signature))
-            return await self._signed_refund(signed, request.signature)
+            return _reply(await self.refunds.merchant_refund(request.request, request.signature,
+                                                             request.idempotency_key))
 
         return await self._call(context, operation)
 
-    async def _refund_with_known_keys(self, request: bytes, signature: str) \
-            -> tuple[refund_pb2.RefundResponse | None, tuple[str, str] | None]:
-        """The common signed refund in one store call: the merchant's keys, as read
-        for an earlier request, verify the signature, and the store refunds only
-        while that key is still active (Store.refund's `signed_with`). The reply
-        is None when this path does not answer (merchant not seen yet, a key it
-        does not know or the store finds no longer active, a timestamp, an
-        invalid request): the full path then authenticates afresh and answers,
-        with the same codes. With it, (key_id, PEM) of the key that verified, if
-        one did, so that the full path does not verify again.
-
-        The signature is checked before anything about the merchant is looked
-        at, with dummy keys for a merchant not seen (signing): this path costs
-        the same for an unknown merchant as for a known one."""
-        try:
-            fields = signing.parse_request(request)
-            merchant_id = domain.parse_merchant_id(fields["merchantId"])
-        except domain.DomainError:
-            return None, None
-        credentials = self._known.get(merchant_id)
-        key_id = signing.verifying_key_id(request, signature, credentials)
-        if key_id is None:
-            return None, None
-        verified = (key_id, credentials.public_keys_pem[credentials.key_ids.index(key_id)])
-        if credentials.status != "ACTIVE" or credentials.require_timestamp or "timestamp" in fields:
-            return None, verified
-        try:
-            command = signing.command_from(fields)
-        except domain.DomainError:
-            return None, verified
-        result = await self._store.refund(command, signed_with=key_id)
-        return (None if result is None else refund_answer(result)), verified
-
-    async def _signed_refund(self, signed: signing.Authenticated, signature: str) -> refund_pb2.RefundResponse:
-        """Refund a verified request; the store re-checks, in the refund's own
-        transaction, that the key that verified it is still active and the
-        merchant ACTIVE. When not, authenticate afresh (2001 or 2002 then)."""
-        signing.check_active(signed)
-        await freshness.check(self._store, signed, utc_now)
-        command = signing.command_from(signed.fields)
-        timestamped = "timestamp" in signed.fields
-        for _ in range(MAX_CREDENTIAL_CHANGES):
-            result = await self._store.refund(command, signed_with=signed.key_id, timestamped=timestamped)
-            if result is not None:
-                return refund_answer(result)
-            signed = await signing.authenticate(self._store, signed.request, signature, known=self._known)
-            signing.check_active(signed)
-        raise StoreUnavailable("the merchant's keys kept changing; retry")
-
-    async def _idempotent(self, signed: signing.Authenticated, key: str, execute) -> refund_pb2.RefundResponse:
-        """Run `execute` at most once for (merchant, key): the first call claims the
-        key (a row the primary key keeps unique across processes), runs, and
-        stores its answer; a later call with the same request bytes gets that
-        answer again, one with other bytes 1003. A call that finds the key
-        claimed by a call still running waits for that call's answer (within
-        its own deadline)."""
-        request_hash = hashlib.sha256(signed.request).hexdigest()
-        while True:
-            now = utc_now()
-            claim = await self._store.claim_idempotency(signed.merchant_id, key, request_hash, now,
-                                                        now - self._claim_lease)
-            if claim.state is ClaimState.CLAIMED:
-                break
-            if claim.state is ClaimState.STORED:
-                return replayed_answer(claim.response)
-            if claim.state is ClaimState.CONFLICT:
-                raise RpcError.of(ResponseCode.IDEMPOTENCY_CONFLICT,
-                                  "this Idempotency-Key was used with a different request")
-            await asyncio.sleep(CLAIM_POLL_SECONDS)
-        try:
-            reply = await execute()
-        except (RpcError, domain.DomainError) as exc:
-            error = exc if isinstance(exc, RpcError) else RpcError.of(exc.code, exc.message)
-            if error.response_code in UNSTORED_ANSWERS:
-                self._release_later(signed.merchant_id, key, claim.claimed_at)
-            else:
-                await self._store.finish_idempotency(signed.merchant_id, key, claim.claimed_at, stored_answer(error))
-            raise error from None
-        except BaseException:  # unavailable, timed out, cancelled, a bug: nothing to store
-            self._release_later(signed.merchant_id, key, claim.claimed_at)
-            raise
-        await self._store.finish_idempotency(signed.merchant_id, key, claim.claimed_at, stored_answer(reply))
-        return reply
-
-    def _release_later(self, merchant_id: int, key: str, claimed_at: datetime) -> None:
-        """Free a key whose call decided nothing, in the background (this call
-        may be cancelled by its deadline). If it fails, the claim goes stale
-        after the lease and the next call with the key takes it over."""
-        async def release():
-            pause = RELEASE_FIRST_PAUSE
-            for attempt in range(RELEASE_TRIES):
-                try:
-                    await self._store.finish_idempotency(merchant_id, key, claimed_at, None)
-                    return
-                except Exception as exc:
-                    if attempt + 1 == RELEASE_TRIES:
-                        log.warning("could not release an Idempotency-Key (it frees itself after %ss): %s",
-                                    int(self._claim_lease.total_seconds()), type(exc).__name__)
-                        return
-                await asyncio.sleep(pause)
-                pause *= 2
-
-        task = asyncio.get_running_loop().create_task(release())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def MerchantGetOrder(self, request, context):
         async def operation():
-            signed = await signing.authenticate(self._store, request.request, request.signature)
-            signing.check_active(signed)
-            await freshness.check(self._store, signed, utc_now)
-            order_id, reference = signing.order_key(signed.fields)
-            if order_id is None and reference is None:
-                raise domain.InvalidRequest("orderId or merchantReference is required")
-            return await self._order_with_transactions(signed.merchant_id, order_id, reference)
+            return order_reply(await orders.merchant_order(self._store, request.request, request.signature))
 
         return await self._call(context, operation)
 
     async def GetOrder(self, request, context):
         async def operation():
             merchant_id = domain.parse_merchant_id(request.merchant_id)
-            return await self._order_with_transactions(
-                merchant_id, *_order_key(request.order_id, request.merchant_reference))
+            return order_reply(await orders.order_with_transactions(
+                self._store, merchant_id, *_order_key(request.order_id, request.merchant_reference)))
 
         return await self._call(context, operation)
 
-    async def _order_with_transactions(self, merchant_id: int, order_id: int | None,
-                                       reference: str | None) -> refund_pb2.GetOrderResponse:
-        if order_id is None and reference is None:
-            raise domain.InvalidRequest("order_id or merchant_reference is required")
-        domain.check_order_key(order_id, reference)
-        found = await self._store.get_order(merchant_id, order_id, reference)
-        if found is None or (reference and order_id and found[0].merchant_reference != reference):
-            raise RpcError.of(ResponseCode.ORDER_NOT_FOUND, "order not found")
-        order, transactions = found
-        return refund_pb2.GetOrderResponse(
-            order=order_message(order), transactions=[transaction_message(t) for t in transactions])
-
     async def RecordSale(self, request, context):
         async def operation():
-            if request.order_id <= 0 or not request.merchant_reference:
-                raise domain.InvalidRequest("order_id and merchant_reference (at most 128 characters) are required")
-            domain.check_text(request.merchant_reference, "merchant_reference", domain.MAX_REFERENCE_LENGTH)
-            if not request.payment_method:
-                raise domain.InvalidRequest("payment_method is required")
-            domain.check_text(request.payment_method, "payment_method", 32)
-            sale = Sale(
-                order_id=request.order_id,
-                merchant_id=domain.parse_merchant_id(request.merchant_id),
-                merchant_reference=request.merchant_reference,
-                currency=request.currency,
-                amount=domain.to_minor(request.amount, request.currency),
-                payment_method=request.payment_method,
-                masked_pan=domain.check_masked_pan(request.masked_pan),
-                stan=domain.check_stan(request.stan),
-                create_time=sale_time(request.create_time) if request.HasField("create_time") else utc_now(),
-            )
-            try:
-                order, txn, balance = await self._store.record_sale(sale)
-            except SaleConflict as exc:
-                raise RpcError(grpc.StatusCode.ALREADY_EXISTS, "ORDER_EXISTS", str(exc)) from None
+            sale = money.sale_of(request.order_id, request.merchant_id, request.merchant_reference, request.currency,
+                                 request.amount, request.payment_method, request.masked_pan, request.stan,
+                                 sale_time(request.create_time) if request.HasField("create_time") else None)
+            order, txn, balance = await money.record_sale(self._store, sale)
             return refund_pb2.RecordSaleResponse(
                 order=order_message(order), transaction=transaction_message(txn),
                 unsettled_balance=domain.format_minor(balance, order.currency))
@@ -478,15 +235,8 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
 
     async def Settle(self, request, context):
         async def operation():
-            asked = Settlement(domain.check_settlement_id(request.settlement_id),
-                               domain.parse_merchant_id(request.merchant_id), request.currency,
-                               domain.to_minor(request.amount, request.currency), 0, utc_now())
-            try:
-                made, _ = await self._store.settle(asked)
-            except InsufficientBalance as exc:
-                raise RpcError.of(ResponseCode.INSUFFICIENT_BALANCE, str(exc)) from None
-            except SettlementConflict as exc:
-                raise RpcError.of(ResponseCode.IDEMPOTENCY_CONFLICT, str(exc)) from None
+            made = await money.settle(self._store, request.settlement_id, request.merchant_id, request.currency,
+                                      request.amount)
             balance = domain.format_minor(made.balance_after, made.currency)
             return refund_pb2.SettleResponse(currency=made.currency, unsettled_balance=balance,
                                              settlement=settlement_message(made))

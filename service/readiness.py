@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from service import telemetry, tracing
 from service.startup import StartupError
-from service.store import StoreUnavailable
+from service.stores.port import StoreUnavailable
 
 log = logging.getLogger("refund-service")
 

@@ -33,7 +33,8 @@ from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import config, events, metrics, readiness, startup, telemetry, tracing
 from service.grpc_api import DecodingInterceptor, RefundServicer
 from service.startup import StartupError
-from service.store import StoreUnavailable, open_store
+from service.stores import open_store
+from service.stores.port import StoreUnavailable
 
 log = logging.getLogger("refund-service")
 

@@ -25,10 +25,11 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from service import domain, strict_json
+from refund_wire import strict_json
+from service import domain
 from service.domain import ResponseCode
 from service.dummy_keys import DUMMY_PUBLIC_KEYS_PEM
-from service.store import MerchantCredentials
+from service.stores.port import MerchantCredentials
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +224,16 @@ class KnownCredentials:
         self._credentials[merchant_id] = credentials
 
 
-async def authenticate(store, request: bytes, signature: str, *, known: KnownCredentials | None = None,
+async def authenticate(store, request: bytes, signature: str, *, fields: dict | None = None,
+                       known: KnownCredentials | None = None,
                        verified: tuple[str, str] | None = None) -> Authenticated:
-    """Parse a signed request and verify its signature (2001 otherwise) with
-    the merchant's keys as the store has them now; they are remembered in `known`.
-    `verified`: (key_id, PEM) of a key that already verified these bytes and
-    this signature; when the store still has that key active, it is not verified again."""
-    fields = parse_request(request)
+    """Parse a signed request (unless its `fields` are given) and verify its
+    signature (2001 otherwise) with the merchant's keys as the store has them
+    now; they are remembered in `known`. `verified`: (key_id, PEM) of a key
+    that already verified these bytes and this signature; when the store
+    still has that key active, it is not verified again."""
+    if fields is None:
+        fields = parse_request(request)
     merchant_id = domain.parse_merchant_id(fields["merchantId"])
     credentials = await store.merchant_credentials(merchant_id)
     if known is not None:

@@ -37,7 +37,8 @@ from grpc_status import rpc_status
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import admin as admin_command
-from service import db, domain, schema, strict_json
+from refund_wire import strict_json
+from service import db, domain, schema
 from tests.conftest import FIXTURES_DIR, LoggedProcess
 
 EXAMPLE_KEY_PEM = FIXTURES_DIR / "example-merchant.key.pem"

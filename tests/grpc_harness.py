@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service.server import create_server
-from service.store import open_store
+from service.stores import open_store
 
 
 class InProcessService:

@@ -9,7 +9,7 @@ import json
 from gateway_edge.app import EdgeApp
 from service import tracing
 from service.server import create_server
-from service.store import open_store
+from service.stores import open_store
 from tests.conftest import FIXTURES_DIR
 from tests.edge_fixtures import example_key, signed_body
 

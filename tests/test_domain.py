@@ -388,7 +388,7 @@ def test_amount_one_minor_unit_over_the_order_exceeds_it_in_bhd():
 def test_balance_short_by_one_minor_unit_gives_insufficient_balance():
     decision = decide(make_command(amount="76.19"), make_snapshot(balance=7618))
     assert decision.code is ResponseCode.INSUFFICIENT_BALANCE
-    assert decision == domain.INSUFFICIENT_BALANCE
+    assert decision == domain.Decision(ResponseCode.INSUFFICIENT_BALANCE, "unsettled balance does not cover the amount")
 
 
 def test_zero_balance_gives_insufficient_balance_for_a_partial_refund():

@@ -11,7 +11,9 @@ import pytest
 
 from refund.v1 import refund_pb2
 from service import grpc_api
-from service.store import ClaimState, StoreUnavailable, open_store, utc_now
+from service.clock import utc_now
+from service.stores import open_store
+from service.stores.port import ClaimState, StoreUnavailable
 from tests import data
 from tests.edge_fixtures import EXAMPLE_PUB_PEM, example_key, sign
 from tests.grpc_harness import InProcessService, error_info
@@ -105,10 +107,10 @@ class _FailingRefunds:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    async def refund(self, command, **credentials):
+    async def try_refund(self, command, signed_by):
         if self.fail:
             raise StoreUnavailable("connection refused")
-        return await self._store.refund(command, **credentials)
+        return await self._store.try_refund(command, signed_by)
 
 
 def test_a_call_answered_9001_frees_its_key_and_the_retry_runs(sqlite_url):

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 pytest.register_assert_rewrite("tests.prove_helpers")
 
 from service import db, domain
-from service.store import open_store
+from service.stores import open_store
+from service.usecases import refunds
 from tests import data
 from tests.prove_helpers import card_numbers, check_ledger, database_card_numbers
 
@@ -29,7 +30,7 @@ def refunded(sqlite_url):
     async def refund():
         store = await open_store(sqlite_url)
         try:
-            return await store.refund(domain.RefundCommand(MERCHANT, 1, None, "100.00"))
+            return await refunds.refund(store, domain.RefundCommand(MERCHANT, 1, None, "100.00"))
         finally:
             await store.close()
 

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 pytest.register_assert_rewrite("tests.edge_fixtures", "tests.prove_helpers", "tests.hostile_stack")
 
-from service import strict_json
+from refund_wire import strict_json
 from tests.edge_fixtures import envelope, sign, signature_bytes
 from tests.hostile_stack import (
     FIRST_ORDER,

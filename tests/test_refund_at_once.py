@@ -1,13 +1,14 @@
 """The refund in one store call (issue 5).
 
-On PostgreSQL the common refund is one statement (_REFUND_AT_ONCE) that
+On PostgreSQL the common refund is one statement (PostgresStore.try_refund,
+service/stores/postgres_refund.py IN_ONE_STATEMENT) that
 reads, decides and applies; what it does not apply is decided in Python on the
 snapshot it read. The statement must approve exactly what domain.decide
 approves, with the same answer and the same writes, and for anything else
 write nothing and return the same snapshot as the full path's read.
 
 A signed refund whose merchant's keys were read before verifies its signature
-first and then refunds in one store call with `signed_with`: the store refunds
+first and then refunds in one store call guarded by `SignedBy`: the store refunds
 only while that key is still active and the merchant ACTIVE without a required
 timestamp; otherwise nothing is written and the service authenticates afresh.
 """
@@ -25,8 +26,10 @@ pytest.register_assert_rewrite("tests.edge_fixtures")
 
 from refund.v1 import refund_pb2  # noqa: E402
 from service import domain
-from service.store import open_store
-from service.store_pg import PostgresStore
+from service.stores import open_store
+from service.stores.port import Attempt, SignedBy
+from service.stores.postgres import PostgresStore
+from service.usecases import refunds
 from tests import data
 from tests.edge_fixtures import (
     admin,
@@ -102,20 +105,21 @@ def test_the_one_statement_approves_exactly_what_decide_approves(postgres_url):
     async def example(state, amount_text, lookup):
         order_id = next(next_order)
         async with store._connection() as conn:
-            statements = store._statements or await store._resolve_statements(conn)
             await _make_order(conn, order_id, state)
-            command = _command(order_id, amount_text, lookup)
-            before = await store._snapshot(conn, command)
-            decision = domain.decide(command, before)
-            ledger = await _ledger(conn, order_id, state["owner"], state["currency"])
-            result = await store._refund_at_once(conn, statements, command, None)
-            after = await _ledger(conn, order_id, state["owner"], state["currency"])
-            if not decision.approved:  # decided on what the statement read: the decline's audit row
-                declined = await store._decide_and_apply(conn, statements, command, result)
-                audited = await _ledger(conn, order_id, state["owner"], state["currency"])
+        command = _command(order_id, amount_text, lookup)
+        before = await store.read_snapshot(command)
+        decision = domain.decide(command, before)
+        ledger = await _ledger(store, order_id, state["owner"], state["currency"])
+        attempt = await store.try_refund(command, None)
+        result = attempt.applied or attempt.snapshot
+        after = await _ledger(store, order_id, state["owner"], state["currency"])
+        if not decision.approved:  # decided on what the statement read: the decline's audit row
+            declined = await refunds.finish(store, command, attempt)
+            audited = await _ledger(store, order_id, state["owner"], state["currency"])
         seen[decision.approved] += 1
         audit_row = (MERCHANT, command.merchant_reference, amount_text[:64], decision.code.value)
         if not decision.approved:
+            assert attempt.interrupted is None and attempt.applied is None
             assert result == before, (state, amount_text, lookup, decision)  # what it read, to decide on
             assert after == ledger, "a refund the rules decline wrote something"
             assert declined.code is decision.code
@@ -175,7 +179,12 @@ async def _make_order(conn, order_id: int, state: dict) -> None:
                        owner, currency, state["balance"])
 
 
-async def _ledger(conn, order_id: int, owner: int, currency: str) -> dict:
+async def _ledger(store, order_id: int, owner: int, currency: str) -> dict:
+    async with store._connection() as conn:
+        return await _read_ledger(conn, order_id, owner, currency)
+
+
+async def _read_ledger(conn, order_id: int, owner: int, currency: str) -> dict:
     return {
         "status": await conn.fetchval("SELECT status FROM orders WHERE id = $1", order_id),
         "balance": await conn.fetchval("SELECT unsettled FROM balances WHERE merchant_id = $1 AND currency = $2",
@@ -197,12 +206,9 @@ def test_a_stale_snapshot_never_refunds_twice(postgres_url):
     command = domain.RefundCommand(MERCHANT, 1, None, "10.00")
 
     async def work(store):
-        async with store._connection() as conn:
-            statements = store._statements or await store._resolve_statements(conn)
-            stale = await store._snapshot(conn, command)
-        first = await store.refund(command)  # refunded since that read
-        async with store._connection() as conn:
-            second = await store._decide_and_apply(conn, statements, command, stale)
+        stale = await store.read_snapshot(command)
+        first = await refunds.refund(store, command)  # refunded since that read
+        second = await refunds.finish(store, command, Attempt(snapshot=stale))
         return first, second
 
     first, second = run(postgres_url, work)
@@ -211,7 +217,7 @@ def test_a_stale_snapshot_never_refunds_twice(postgres_url):
     assert second.transaction.id == first.transaction.id
 
 
-# -- signed_with: the key and the merchant are checked where the refund is made ----
+# -- SignedBy: the key and the merchant are checked where the refund is made ----
 
 
 @pytest.fixture
@@ -229,7 +235,8 @@ OTHERS_ORDER = 8
 
 def _refund(order_id: int, signed_with: str | None):
     async def work(store):
-        return await store.refund(domain.RefundCommand(MERCHANT, order_id, None, "10.00"), signed_with=signed_with)
+        return await refunds.refund(store, domain.RefundCommand(MERCHANT, order_id, None, "10.00"),
+                                    SignedBy(signed_with) if signed_with else None)
     return work
 
 

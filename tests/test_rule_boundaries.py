@@ -16,6 +16,7 @@ from decimal import Decimal
 
 import pytest
 
+from refund_wire import formats
 from service import domain
 from service.domain import (
     InvalidAmount,
@@ -211,12 +212,12 @@ def test_a_masked_pan_shows_at_most_15_masked_characters():
 
 
 def test_an_idempotency_key_is_1_to_64_printable_characters():
-    assert domain.IDEMPOTENCY_KEY.match("k")
-    assert domain.IDEMPOTENCY_KEY.match(" ~" * 32)
-    assert not domain.IDEMPOTENCY_KEY.match("")
-    assert not domain.IDEMPOTENCY_KEY.match("k" * 65)
-    assert not domain.IDEMPOTENCY_KEY.match("k" * 63 + "\x7f")
-    assert not domain.IDEMPOTENCY_KEY.match("k" * 64 + "\n")
+    assert formats.IDEMPOTENCY_KEY.match("k")
+    assert formats.IDEMPOTENCY_KEY.match(" ~" * 32)
+    assert not formats.IDEMPOTENCY_KEY.match("")
+    assert not formats.IDEMPOTENCY_KEY.match("k" * 65)
+    assert not formats.IDEMPOTENCY_KEY.match("k" * 63 + "\x7f")
+    assert not formats.IDEMPOTENCY_KEY.match("k" * 64 + "\n")
 
 
 def test_a_settlement_id_is_1_to_64_printable_characters_without_blanks():

@@ -1,6 +1,6 @@
 """The rules' edges on the databases' own statements (issue 17).
 
-On PostgreSQL the common refund is decided by SQL (store_pg._REFUND_AT_ONCE):
+On PostgreSQL the common refund is decided by SQL (service/stores/postgres_refund.py IN_ONE_STATEMENT):
 its conditions must approve exactly at the edges where domain.decide does —
 the order amount and one unit more, a balance equal to the amount and one unit
 short, each status, each capability, the merchant's own balance in the order's
@@ -29,8 +29,10 @@ import pytest
 import sqlalchemy as sa
 
 from service import db, domain, schema
-from service.store import StoreUnavailable, open_store
-from service.store_pg import NOT_READ, PostgresStore
+from service.stores import open_store
+from service.stores.port import StoreUnavailable
+from service.stores.port import Attempt, Interrupted, SignedBy
+from service.usecases import refunds
 from tests import data
 from tests.conftest import fresh_postgres_database
 from tests.edge_fixtures import generated_key, public_pem
@@ -185,25 +187,18 @@ class Ledger:
         return Outcome(result, at_once, before, after)
 
     async def _full_path(self, command: domain.RefundCommand):
-        store = self.store
-        async with store._connection() as conn:
-            statements = store._statements or await store._resolve_statements(conn)
-            snapshot = await store._snapshot(conn, command)
-            return await store._decide_and_apply(conn, statements, command, snapshot), None
+        snapshot = await self.store.read_snapshot(command)
+        return await refunds.finish(self.store, command, Attempt(snapshot=snapshot)), None
 
     async def _refund(self, command: domain.RefundCommand):
         store = self.store
         if not self.postgres:
-            return await store.refund(command), None
-        async with store._connection() as conn:
-            statements = store._statements or await store._resolve_statements(conn)
-            found = await PostgresStore._refund_at_once(conn, statements, command, None)
-            if isinstance(found, domain.RefundResult):
-                return found, True
-            if found is NOT_READ:  # the balance fell during the statement: read again, as refund() does
-                found = await store._snapshot(conn, command)
-                return await store._decide_and_apply(conn, statements, command, found), "not read"
-            return await store._decide_and_apply(conn, statements, command, found), False
+            return await refunds.refund(store, command), None
+        attempt = await store.try_refund(command, None)
+        if attempt.applied is not None:
+            return attempt.applied, True
+        at_once = "not read" if attempt.interrupted is Interrupted.STATE_MOVED else False  # the balance fell during it
+        return await refunds.finish(store, command, attempt), at_once
 
 
 def assert_approved(outcome: Outcome, case: Case, units: int, status: str) -> None:
@@ -321,7 +316,7 @@ def test_a_key_of_another_merchant_does_not_hold_for_a_signed_refund(ledger):
     order_id = ledger.make_order(case)
     before = ledger.read()
     command = domain.RefundCommand(MERCHANT, order_id, None, case.text)
-    assert ledger.loop.run_until_complete(ledger.store.refund(command, signed_with="k1")) is None
+    assert ledger.loop.run_until_complete(refunds.refund(ledger.store, command, SignedBy("k1"))) is None
     assert ledger.read() == before
     ledger.reset_balance(case)
 

@@ -1,17 +1,19 @@
-"""The service's storage port, and the pieces both stores share.
+"""The storage port: what the use cases (service/usecases/) ask of a store.
 
-A store runs each refund as one database transaction: it locks the order row,
-reads what the rules need, asks `domain.decide`, applies the decision with
-statements the database guards, and records the attempt for audit. Two
-adapters implement it: `store_pg` (asyncpg) and `store_sqlite` (sqlite3 on a
-single writer thread).
+A store knows no rule. For a refund it offers steps that the refund use case
+puts together: try the refund in one statement (PostgreSQL applies what the
+SQL built from the domain's rules approves; SQLite only reads), read an
+order's snapshot, apply an approved decision with statements the database
+guards, record a declined attempt. Two adapters implement it:
+service/stores/postgres.py (asyncpg) and service/stores/sqlite.py (sqlite3 on
+one writer thread).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Protocol
 
 from service import domain
@@ -62,9 +64,6 @@ class Settlement:
     created_at: datetime
 
 
-SETTLEMENT_COLUMNS = "settlement_id, merchant_id, currency, amount, balance_after, created_at"
-
-
 def same_settlement(stored: Settlement, asked: Settlement) -> Settlement:
     """The stored settlement, when `asked` is the same one again; SettlementConflict if not."""
     if (stored.merchant_id, stored.currency, stored.amount) != (asked.merchant_id, asked.currency, asked.amount):
@@ -111,19 +110,58 @@ def judge_claim(row_hash: str, response: bytes | None, created_at: datetime, req
     return None
 
 
-class Store(Protocol):
-    async def refund(self, command: domain.RefundCommand, *, signed_with: str | None = None,
-                     timestamped: bool = False) -> domain.RefundResult | None:
-        """Decide and apply one refund attempt (docs/api.md section 3).
+@dataclass(frozen=True)
+class SignedBy:
+    """The key that verified a signed request (from credentials read earlier),
+    and whether the request carried a timestamp. A refund guarded by it
+    applies only while, in its own statement or transaction, that key is
+    active and its merchant ACTIVE and, unless `timestamped`, not requiring a
+    timestamp."""
 
-        `signed_with`: the key_id that verified a signed request, from
-        credentials read earlier. The store then refunds only while that key
-        is active and its merchant ACTIVE and, unless the request is
-        `timestamped`, not requiring a timestamp: checked in the refund's own
-        transaction or statement, so a key deactivated or a merchant suspended
-        before the refund commits is refused. For anything it does not answer
-        that way it may return None (nothing written); the caller then
-        authenticates afresh. Without `signed_with` the answer is never None."""
+    key_id: str
+    timestamped: bool = False
+
+
+class Interrupted(enum.Enum):
+    """Why a refund step applied nothing."""
+
+    CREDENTIALS_CHANGED = "the key that verified the request is no longer active, or its merchant no longer ACTIVE"
+    STATE_MOVED = "the order or the balance changed since it was read"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What trying a refund in one statement did: `applied` when it refunded;
+    else the order's `snapshot` as the statement read it (None: no such
+    order), or why it could read nothing usable (`interrupted`)."""
+
+    applied: domain.RefundResult | None = None
+    snapshot: domain.OrderSnapshot | None = None
+    interrupted: Interrupted | None = None
+
+
+class Store(Protocol):
+    # -- refunds: the steps of service/usecases/refunds.py --
+
+    async def try_refund(self, command: domain.RefundCommand, signed_by: SignedBy | None) -> Attempt:
+        """Refund in one statement when it is approved as things stand; otherwise
+        read the order's snapshot for the rules to decide on."""
+
+    async def read_snapshot(self, command: domain.RefundCommand) -> domain.OrderSnapshot | None: ...
+
+    async def apply_refund(self, command: domain.RefundCommand, decision: domain.Decision,
+                           snapshot: domain.OrderSnapshot, signed_by: SignedBy | None) \
+            -> domain.Transaction | Interrupted:
+        """Apply an approved decision in one transaction: mark the order (only
+        in the status `snapshot` read), debit the balance (only while it covers
+        the amount), insert the refund, its audit row and its journal entry.
+        The refund transaction; or nothing written and why."""
+
+    async def record_decline(self, command: domain.RefundCommand, decision: domain.Decision,
+                             snapshot: domain.OrderSnapshot | None) -> None:
+        """The audit row of a declined attempt."""
+
+    # -- queries, sales and settlements --
 
     async def get_order(
         self, merchant_id: int, order_id: int | None, merchant_reference: str | None
@@ -154,21 +192,10 @@ class Store(Protocol):
     async def remember_request(self, request_hash: str, merchant_id: int, expires_at: datetime) -> bool:
         """Record a signed request's hash; False when it was seen before."""
 
-    async def ping(self) -> None: ...
+    async def ping(self) -> None:
+        """One round trip to the database (the readiness probe); StoreUnavailable if it fails."""
 
     async def close(self) -> None: ...
-
-
-# The columns both stores read, in the order of domain.Order and
-# domain.Transaction (aliases o for orders, t for transactions).
-ORDER_COLUMNS = ("o.id, o.merchant_id, o.merchant_reference, o.currency, o.amount, o.status, "
-                 "o.payment_method, o.create_time, o.update_time")
-TRANSACTION_COLUMNS = ("t.id, t.merchant_id, t.order_id, t.type, t.currency, t.amount, t.status, t.masked_pan, "
-                       "t.stan, t.create_time")
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def stan_for(transaction_id: int) -> str:
@@ -180,16 +207,3 @@ def same_sale(order: domain.Order, sale: Sale) -> bool:
     return (order.id, order.merchant_id, order.merchant_reference, order.currency, order.amount,
             order.payment_method) == (sale.order_id, sale.merchant_id, sale.merchant_reference,
                                       sale.currency, sale.amount, sale.payment_method)
-
-
-async def open_store(url: str, **options) -> Store:
-    """The store for a SQLAlchemy-style database URL."""
-    if url.startswith("sqlite"):
-        from service.store_sqlite import SqliteStore
-
-        return SqliteStore.open(url, **options)
-    if url.startswith("postgresql"):
-        from service.store_pg import PostgresStore
-
-        return await PostgresStore.open(url, **options)
-    raise ValueError("REFUND_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL")

@@ -3,10 +3,11 @@
 SQLite allows one writer at a time, so the service runs every statement on one
 dedicated thread with one connection (WAL journal, `synchronous=NORMAL`), and
 each write transaction starts with BEGIN IMMEDIATE: it takes the write lock
-before reading, so the read that decides a refund cannot be overtaken, and
-other processes on the same file (refund-admin) wait on `busy_timeout`
-instead of failing with "database is locked". The same guards as on
-PostgreSQL stand behind the code: the unique refund index and the balance check.
+before reading, and other processes on the same file (refund-admin) wait on
+`busy_timeout` instead of failing with "database is locked". A refund is read
+in one call and applied in another, guarded like PostgreSQL's: the order is
+marked only in the status that was read, the balance debited only while it
+covers the amount; behind them stand the unique refund index and the balance check.
 """
 
 from __future__ import annotations
@@ -23,25 +24,26 @@ from datetime import datetime, timezone
 from sqlalchemy.engine import make_url
 
 from service import domain, telemetry, tracing
-from service.store import (
+from service.clock import utc_now
+from service.stores.port import (
     BALANCE_TOO_LARGE,
-    ORDER_COLUMNS,
-    SETTLEMENT_COLUMNS,
-    TRANSACTION_COLUMNS,
+    Attempt,
     Claim,
     ClaimState,
     InsufficientBalance,
+    Interrupted,
     MerchantCredentials,
     Sale,
     SaleConflict,
     Settlement,
+    SignedBy,
     StoreUnavailable,
     judge_claim,
     same_sale,
     same_settlement,
     stan_for,
-    utc_now,
 )
+from service.stores.sql import ORDER_COLUMNS, SETTLEMENT_COLUMNS, TRANSACTION_COLUMNS
 
 
 SNAPSHOT = f"""
@@ -57,6 +59,8 @@ WHERE o.merchant_id = ? AND """
 CREDENTIALS_HOLD = """
 SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
 WHERE m.id = ? AND m.status = 'ACTIVE' AND (NOT m.require_timestamp OR ?) AND k.key_id = ? AND k.active"""
+
+MARK_REFUNDED = "UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND merchant_id = ? AND status = ?"
 
 DEBIT = """
 UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?
@@ -146,69 +150,63 @@ class SqliteStore:
             self._connection = tracing.traced_sqlite(connect(self._path, self._timeout))
         return function(self._connection, *args)
 
-    # -- refund --------------------------------------------------------------
+    # -- refunds: the steps of service/usecases/refunds.py --------------------
 
-    async def refund(self, command: domain.RefundCommand, *, signed_with: str | None = None,
-                     timestamped: bool = False) -> domain.RefundResult | None:
-        """Decide and apply one refund attempt. With `signed_with` (the key_id
-        that verified the request): only while that key is active and its
-        merchant ACTIVE (and not requiring timestamps unless `timestamped`),
-        checked in the refund's own transaction; None (nothing written) if not."""
-        return await self._run(self._refund, command, signed_with, timestamped, telemetry.REQUEST_ID.get())
+    async def try_refund(self, command: domain.RefundCommand, signed_by: SignedBy | None) -> Attempt:
+        """SQLite has no one-statement refund: check the credentials and read the snapshot."""
+        return await self._run(self._try_refund, command, signed_by)
+
+    @classmethod
+    def _try_refund(cls, db: sqlite3.Connection, command: domain.RefundCommand, signed_by: SignedBy | None) -> Attempt:
+        if signed_by is not None and not _credentials_hold(db, command.merchant_id, signed_by):
+            return Attempt(interrupted=Interrupted.CREDENTIALS_CHANGED)
+        return Attempt(snapshot=cls._read_snapshot(db, command))
+
+    async def read_snapshot(self, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
+        return await self._run(self._read_snapshot, command)
 
     @staticmethod
-    def _refund(connection: sqlite3.Connection, command: domain.RefundCommand,
-                signed_with: str | None = None, timestamped: bool = False,
-                request_id: str | None = None) -> domain.RefundResult | None:
-        now = utc_now()
-        with _WriteTransaction(connection) as db:
-            if signed_with is not None and db.execute(
-                    CREDENTIALS_HOLD, (command.merchant_id, timestamped, signed_with)).fetchone() is None:
-                return None
-            if command.order_id is not None:
-                row = db.execute(SNAPSHOT + "o.id = ?", (command.merchant_id, command.order_id)).fetchone()
-            else:
-                row = db.execute(SNAPSHOT + "o.merchant_reference = ?",
-                                 (command.merchant_id, command.merchant_reference)).fetchone()
-            snapshot = None
-            if row is not None:
-                order = _order(row)
-                # Whatever the status says: a paid order with a refund row is refunded (3003),
-                # as on PostgreSQL, not a second refund the unique index would refuse.
-                refund_row = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
-                                        "WHERE t.order_id = ? AND t.type = 'REFUND'", (order.id,)).fetchone()
-                refund = _transaction(refund_row) if refund_row else None
-                snapshot = domain.OrderSnapshot(order, row[9], row[10], refund)
-            decision = domain.decide(command, snapshot)
-            order_id = snapshot.order.id if snapshot else command.order_id
-            if not decision.approved:
-                db.execute(AUDIT, (command.merchant_id, order_id, command.merchant_reference, command.amount_text,
-                                   decision.code.value, None, to_text(now)))
-                return domain.result_of(decision, snapshot)
-            order = snapshot.order
-            debited = db.execute(DEBIT, (decision.amount, order.merchant_id, order.currency, decision.amount)).fetchone()
-            if debited is None:  # cannot happen while we hold the write lock; never commit half a refund
-                raise RuntimeError("balance changed under the write lock")
-            marked = db.execute(
-                "UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND status IN ('SUCCESS', 'SETTLED')",
-                (decision.new_status, to_text(now), order.id)).rowcount
-            if marked != 1:
-                raise RuntimeError("order changed under the write lock")
-            sale_pan = db.execute("SELECT masked_pan FROM transactions WHERE order_id = ? AND type = 'SALE'",
-                                  (order.id,)).fetchone()
-            refund_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM transactions").fetchone()[0]
-            refund = domain.Transaction(refund_id, order.merchant_id, order.id, "REFUND", order.currency,
-                                        decision.amount, "SUCCESS", sale_pan[0] if sale_pan else "",
-                                        stan_for(refund_id), now)
-            db.execute(
-                "INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan,"
-                " create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*_transaction_values(refund),))
-            db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount_text,
-                               decision.code.value, refund_id, to_text(now)))
-            db.execute(JOURNAL, (order.merchant_id, order.currency, "REFUND", -decision.amount, debited[0], order.id,
-                                 refund_id, None, to_text(now), request_id))
-            return domain.result_of(decision, snapshot, refund, domain.refunded_order(order, decision, now))
+    def _read_snapshot(db: sqlite3.Connection, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
+        if command.order_id is not None:
+            row = db.execute(SNAPSHOT + "o.id = ?", (command.merchant_id, command.order_id)).fetchone()
+        else:
+            row = db.execute(SNAPSHOT + "o.merchant_reference = ?",
+                             (command.merchant_id, command.merchant_reference)).fetchone()
+        if row is None:
+            return None
+        order = _order(row)
+        refund_row = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
+                                "WHERE t.order_id = ? AND t.type = ?", (order.id, domain.REFUND)).fetchone()
+        return domain.OrderSnapshot(order, row[9], row[10], _transaction(refund_row) if refund_row else None)
+
+    async def apply_refund(self, command: domain.RefundCommand, decision: domain.Decision,
+                           snapshot: domain.OrderSnapshot, signed_by: SignedBy | None) \
+            -> domain.Transaction | Interrupted:
+        return await self._run(self._apply_refund, command, decision, snapshot, signed_by,
+                               telemetry.REQUEST_ID.get())
+
+    @staticmethod
+    def _apply_refund(connection: sqlite3.Connection, command: domain.RefundCommand, decision: domain.Decision,
+                      snapshot: domain.OrderSnapshot, signed_by: SignedBy | None,
+                      request_id: str | None) -> domain.Transaction | Interrupted:
+        order, now = snapshot.order, utc_now()
+        try:
+            with _WriteTransaction(connection) as db:
+                if signed_by is not None and not _credentials_hold(db, command.merchant_id, signed_by):
+                    return Interrupted.CREDENTIALS_CHANGED
+                return _insert_refund(db, command, decision, order, now, request_id)
+        except _StateMoved:  # leaving the block rolled back whatever it changed
+            return Interrupted.STATE_MOVED
+
+    async def record_decline(self, command: domain.RefundCommand, decision: domain.Decision,
+                             snapshot: domain.OrderSnapshot | None) -> None:
+        order_id = snapshot.order.id if snapshot else command.order_id
+        await self._run(self._record_decline, (command.merchant_id, order_id, command.merchant_reference,
+                                               command.amount_text, decision.code.value, None, to_text(utc_now())))
+
+    @staticmethod
+    def _record_decline(db: sqlite3.Connection, values: tuple) -> None:
+        db.execute(AUDIT, values)
 
     # -- reads ---------------------------------------------------------------
 
@@ -376,3 +374,39 @@ class SqliteStore:
 def _transaction_values(txn: domain.Transaction) -> tuple:
     return (txn.id, txn.order_id, txn.merchant_id, txn.type, txn.currency, txn.amount, txn.status, txn.masked_pan,
             txn.stan, to_text(txn.create_time))
+
+
+class _StateMoved(Exception):
+    """The order or the balance is no longer what the decision read."""
+
+
+def _credentials_hold(db: sqlite3.Connection, merchant_id: int, signed_by: SignedBy) -> bool:
+    return db.execute(CREDENTIALS_HOLD, (merchant_id, signed_by.timestamped, signed_by.key_id)).fetchone() is not None
+
+
+def _insert_refund(db: sqlite3.Connection, command: domain.RefundCommand, decision: domain.Decision,
+                   order: domain.Order, now: datetime, request_id: str | None) -> domain.Transaction:
+    """Mark the order (only in the status read), debit the balance (only while it
+    covers the amount), insert the refund, its audit row and journal entry;
+    _StateMoved when the order or the balance moved since the read."""
+    marked = db.execute(MARK_REFUNDED, (decision.new_status, to_text(now), order.id, order.merchant_id,
+                                        order.status)).rowcount
+    debited = db.execute(DEBIT, (decision.amount, order.merchant_id, order.currency, decision.amount)).fetchone() \
+        if marked else None
+    if debited is None:
+        raise _StateMoved()
+    sale_pan = db.execute("SELECT masked_pan FROM transactions WHERE order_id = ? AND type = ?",
+                          (order.id, domain.SALE)).fetchone()
+    refund_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM transactions").fetchone()[0]
+    refund = domain.Transaction(refund_id, order.merchant_id, order.id, domain.REFUND, order.currency,
+                                decision.amount, domain.TRANSACTION_SUCCEEDED,
+                                sale_pan[0] if sale_pan else "", stan_for(refund_id), now)
+    db.execute(
+        "INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan,"
+        " create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(refund))
+    db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount_text,
+                       decision.code.value, refund_id, to_text(now)))
+    db.execute(JOURNAL, (order.merchant_id, order.currency, domain.REFUND, -decision.amount, debited[0], order.id,
+                         refund_id, None, to_text(now), request_id))
+    return refund
+

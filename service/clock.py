@@ -1,0 +1,9 @@
+"""The service's one clock: aware UTC datetimes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
