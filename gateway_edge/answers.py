@@ -16,17 +16,14 @@ from dataclasses import dataclass
 from datetime import timezone
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from refund.v1 import refund_pb2
-from service import domain
-from service.domain import ResponseCode
+from refund_wire import currencies
+from refund_wire.codes import ResponseCode
+from refund_wire.formats import ANSWER_AMOUNT
+from refund_wire.status import RpcError
 
 log = logging.getLogger("refund-edge")
-
-# google.rpc.ErrorInfo.domain of the refund service's errors (service.grpc_api.ERROR_DOMAIN).
-ERROR_DOMAIN = "refund.gateway"
 
 # The one table from response codes to HTTP statuses (docs/api.md section 4): the
 # status says whether the gateway could process the request, the code says
@@ -60,9 +57,6 @@ SYSTEM_ERROR_DETAIL = ("unexpected error; retrying is safe (an order is never re
 
 _RETRYABLE_WITHOUT_INFO = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
-# A decimal string as the service writes amounts: no sign, no exponent, no
-# leading zeros; the number of decimals is checked against the currency.
-_AMOUNT = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:\.([0-9]{1,4}))?\Z")
 _DIGITS = re.compile(r"[0-9]{1,19}\Z")
 
 
@@ -134,16 +128,16 @@ def from_order_reply(reply: refund_pb2.GetOrderResponse) -> Answer:
 def from_rpc_error(error: grpc.RpcError) -> Answer:
     """The answer for a gRPC error: ours (ErrorInfo of our domain) by its reason;
     any other by its status code: UNAVAILABLE / DEADLINE_EXCEEDED -> 9001, else 9999."""
-    info, decline = _details(error)
-    if info is None:
+    rich = RpcError.from_call(error)
+    if rich is None or not rich.reason:
         if error.code() in _RETRYABLE_WITHOUT_INFO:
             log.warning("back end %s: %s", error.code().name, error.details())
             return unavailable()
         log.error("back end error without ErrorInfo: %s %s", error.code().name, error.details())
         return system_error()
-    code = ResponseCode.__members__.get(info.reason)
+    code = ResponseCode.__members__.get(rich.reason)
     if code is None or code is ResponseCode.SUCCESS:
-        log.error("back end error with unknown reason %r: %s", info.reason, error.details())
+        log.error("back end error with unknown reason %r: %s", rich.reason, error.details())
         return system_error()
     if code is ResponseCode.SERVICE_UNAVAILABLE:
         log.warning("back end SERVICE_UNAVAILABLE: %s", error.details())
@@ -151,30 +145,12 @@ def from_rpc_error(error: grpc.RpcError) -> Answer:
     if code is ResponseCode.SYSTEM_ERROR:
         log.error("back end SYSTEM_ERROR: %s", error.details())
         return system_error()
+    decline = rich.decline
     order = decline.order if decline is not None and decline.HasField("order") else None
     transaction = decline.transaction if decline is not None and decline.HasField("transaction") else None
     # Our service's messages are written for the caller ("order not found",
     # "amount has more than 2 decimals for HKD"); they carry no internals.
     return Answer(code, error.details() or None, order, transaction)
-
-
-def _details(error: grpc.RpcError):
-    """Our ErrorInfo and the RefundDecline, from the error's rich status."""
-    try:
-        status = rpc_status.from_call(error)
-    except Exception:  # a status that contradicts the call, or undecodable details
-        return None, None
-    info = decline = None
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            candidate = error_details_pb2.ErrorInfo()
-            if detail.Unpack(candidate) and candidate.domain == ERROR_DOMAIN and info is None:
-                info = candidate
-        elif detail.Is(refund_pb2.RefundDecline.DESCRIPTOR):
-            candidate = refund_pb2.RefundDecline()
-            if detail.Unpack(candidate):
-                decline = candidate
-    return info, decline
 
 
 # -- rendering ----------------------------------------------------------------
@@ -244,11 +220,10 @@ def _digits(text: str) -> str:
 def _amount(text: str, currency: str) -> str:
     """The decimal string itself, once checked to be a plain JSON number with
     exactly the currency's decimals ("76.19" HKD, "500" JPY, "1.250" BHD)."""
-    match = _AMOUNT.match(text)
-    try:
-        digits = domain.minor_units(currency)
-    except domain.DomainError:
-        raise UnrenderableAnswer(f"currency {currency!r}") from None
+    match = ANSWER_AMOUNT.match(text)
+    digits = currencies.decimals(currency)
+    if digits is None:
+        raise UnrenderableAnswer(f"currency {currency!r}")
     if match is None or len(match.group(1) or "") != digits:
         raise UnrenderableAnswer(f"amount {text!r} {currency}")
     return text

@@ -48,8 +48,9 @@ from gateway_edge.policy import RateLimiter, StatusMode, StatusModes, claimed_me
 from gateway_edge.signer import ResponseSigner
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from refund_wire import strict_json
-from service import domain, telemetry, tracing
-from service.domain import ResponseCode
+from refund_wire.codes import ResponseCode
+from refund_wire.formats import IDEMPOTENCY_KEY
+from service import telemetry, tracing
 
 log = logging.getLogger("refund-edge")
 
@@ -387,7 +388,7 @@ def _idempotency_key(scope) -> str | Answer:
     if not values:
         return ""
     key = values[0].decode("latin-1")
-    if len(values) > 1 or not domain.IDEMPOTENCY_KEY.match(key):
+    if len(values) > 1 or not IDEMPOTENCY_KEY.match(key):
         return answers.invalid_request("Idempotency-Key must be one header of 1 to 64 printable ASCII characters")
     return key
 

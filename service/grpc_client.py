@@ -14,26 +14,20 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
+from refund_wire.status import RpcError
 
 
 def describe_error(error: grpc.RpcError) -> dict:
     """Code, reason, response code and decline detail of a rich gRPC error."""
     answer = {"code": error.code().name, "message": error.details()}
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            answer["reason"] = info.reason
-            answer["responseCode"] = info.metadata.get("responseCode", "")
-        elif detail.Is(refund_pb2.RefundDecline.DESCRIPTOR):
-            decline = refund_pb2.RefundDecline()
-            detail.Unpack(decline)
-            answer["decline"] = json_format.MessageToDict(decline)
+    rich = RpcError.from_call(error)
+    if rich is not None and rich.reason:
+        answer["reason"] = rich.reason
+        answer["responseCode"] = rich.response_code
+    if rich is not None and rich.decline is not None:
+        answer["decline"] = json_format.MessageToDict(rich.decline)
     return answer
 
 

@@ -203,7 +203,7 @@ class Authenticated:
 class KnownCredentials:
     """Merchants' credentials as last read from the store, by merchant id: what
     lets a signed refund verify its signature before any database call and then
-    refund in one (Store.refund's `signed_with`). A hint, never trusted alone:
+    refund in one (guarded by stores.port.SignedBy). A hint, never trusted alone:
     the store checks in the refund's own transaction that the key is still
     active and the merchant still ACTIVE; when not, the request is
     authenticated afresh. Bounded: forgets everything when full."""

@@ -18,7 +18,8 @@ import pytest
 
 from gateway_edge import answers
 from gateway_edge.app import EdgeApp
-from service import grpc_api
+from refund_wire import codes, status
+from service import domain
 from service.domain import ResponseCode
 
 pytest.register_assert_rewrite("tests.edge_fixtures")  # its check_* helpers assert
@@ -266,9 +267,9 @@ def test_an_unexpected_exception_in_the_app_is_answered_9999_json():
     assert "internal state" not in sent[1]["body"].decode()
 
 
-def test_the_edge_and_the_service_agree_on_the_error_domain_and_every_code_has_an_http_status():
-    assert answers.ERROR_DOMAIN == grpc_api.ERROR_DOMAIN
-    assert set(answers.HTTP_STATUS) == set(ResponseCode) == set(grpc_api.GRPC_CODES) | {ResponseCode.SUCCESS}
+def test_the_edge_and_the_service_share_one_vocabulary_and_every_code_has_an_http_status():
+    assert answers.ResponseCode is codes.ResponseCode is domain.ResponseCode  # refund_wire, for both
+    assert set(answers.HTTP_STATUS) == set(ResponseCode) == set(status.GRPC_CODES) | {ResponseCode.SUCCESS}
 
 
 # -- /healthz -------------------------------------------------------------------------

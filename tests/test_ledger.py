@@ -25,7 +25,8 @@ import sqlalchemy as sa
 
 from refund.v1 import refund_pb2
 from service import admin, db, domain, ledger, schema
-from service.grpc_api import RefundServicer
+from service.grpc_api import RefundServicer, encode_answer
+from service.usecases.idempotency import IdempotencyKeys
 from tests import data
 from tests.edge_fixtures import generated_key, public_pem, sign
 from tests.grpc_harness import InProcessService, error_info
@@ -304,13 +305,13 @@ def test_a_claim_whose_release_fails_is_released_by_a_later_try():
 
     async def scenario():
         store = FlakyStore()
-        servicer = RefundServicer(store, db_timeout=5.0)
-        servicer._release_later(MERCHANT, "key-1", None)
+        keys = IdempotencyKeys(store, db_timeout=5.0, encode=encode_answer)
+        keys._release_later(MERCHANT, "key-1", None)
         for _ in range(100):
             if store.tries >= 3:
                 break
             await asyncio.sleep(0.05)
-        return store.tries, servicer._claim_lease.total_seconds()
+        return store.tries, keys.lease.total_seconds()
 
     tries, lease = asyncio.run(scenario())
     assert tries == 3

@@ -61,18 +61,19 @@ _INSERT_REFUND = f"""
 # $7 requested reference, $8 requested amount text, $9 status the decision read,
 # $10 key id of a signed request (NULL: unsigned), $11 whether it is timestamped,
 # $12 the request id (for the journal entry, i.e. the event)
-_APPLY = """
+_APPLY = f"""
 WITH marked AS (
     UPDATE orders SET status = $5, update_time = $6
-    WHERE id = $2 AND merchant_id = $1 AND status = $9 AND ($10::text IS NULL OR {credentials_hold})
+    WHERE id = $2 AND merchant_id = $1 AND status = $9 AND {sql.refundable("status")}
+      AND ($10::text IS NULL OR {{credentials_hold}})
     RETURNING id
 ), debit AS (
     UPDATE balances SET unsettled = unsettled - $4
     WHERE merchant_id = $1 AND currency = $3 AND unsettled >= $4 AND EXISTS (SELECT 1 FROM marked)
     RETURNING unsettled
 ), new_id AS (
-    SELECT nextval({sequence}) AS id FROM marked
-), refund AS ({insert_refund}
+    SELECT nextval({{sequence}}) AS id FROM marked
+), refund AS ({{insert_refund}}
     FROM new_id
     RETURNING id, masked_pan, stan, amount
 ), audit AS (
@@ -98,7 +99,7 @@ WITH credentials AS (
     FROM orders o
     JOIN payment_methods pm ON pm.code = o.payment_method
     WHERE o.merchant_id = $1 AND {{order}}
-      AND {sql.REFUNDABLE_STATUS} AND {sql.REFUND_ALLOWED}
+      AND {sql.refundable("o.status")} AND {sql.refund_allowed("pm.refund_capability")}
       AND NOT EXISTS (SELECT 1 FROM transactions x WHERE x.order_id = o.id AND x.type = {sql.REFUND})
       AND (SELECT hold FROM credentials)
 ), approvable AS (

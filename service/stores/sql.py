@@ -25,9 +25,17 @@ def one_of(values) -> str:
     return "(" + ", ".join(literal(v) for v in sorted(values)) + ")"
 
 
-# The rules of domain.decide, as SQL conditions (aliases: o orders, pm payment_methods).
-REFUNDABLE_STATUS = f"o.status IN {one_of(domain.REFUNDABLE_STATUSES)}"
-REFUND_ALLOWED = f"pm.refund_capability IN {one_of(domain.REFUNDS_ALLOWED)}"
+# The rules of domain.decide, as SQL conditions.
+
+
+def refundable(status: str) -> str:
+    """SQL: the order status in column `status` may be refunded."""
+    return f"{status} IN {one_of(domain.REFUNDABLE_STATUSES)}"
+
+
+def refund_allowed(capability: str) -> str:
+    """SQL: the capability `capability` allows a refund."""
+    return f"{capability} IN {one_of(domain.REFUNDS_ALLOWED)}"
 
 
 def partial_allowed(capability: str) -> str:

@@ -43,6 +43,7 @@ from service.stores.port import (
     same_settlement,
     stan_for,
 )
+from service.stores import sql
 from service.stores.sql import ORDER_COLUMNS, SETTLEMENT_COLUMNS, TRANSACTION_COLUMNS
 
 
@@ -60,7 +61,9 @@ CREDENTIALS_HOLD = """
 SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
 WHERE m.id = ? AND m.status = 'ACTIVE' AND (NOT m.require_timestamp OR ?) AND k.key_id = ? AND k.active"""
 
-MARK_REFUNDED = "UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND merchant_id = ? AND status = ?"
+# Marks the order only in the status the decision read, and only a refundable one.
+MARK_REFUNDED = ("UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND merchant_id = ? AND status = ? "
+                 f"AND {sql.refundable('status')}")
 
 DEBIT = """
 UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?
