@@ -277,5 +277,7 @@ def requests() -> list[dict]:
     r.post("an unusable X-Request-Id: the edge makes one", missing, request_id=False,
            headers=[["X-Request-Id", "bad id!"]])
     r.post("X-Request-Id of 128 characters, echoed", missing, request_id=False,
-           headers=[["X-Request-Id", "A" * 128]])
+           headers=[["X-Request-Id", "abc.def-" * 16]])
+    r.post("X-Request-Id that looks like a signature (80 base64 characters): the edge makes one", missing,
+           request_id=False, headers=[["X-Request-Id", "A" * 80]])
     return r.items
