@@ -28,12 +28,12 @@ From a shell (see `python -m bench.bare_chain --help`):
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from bench.bare_chain.workload import AMOUNT, BALANCE, ORDER_BASE, Chain, Postgres, Process
+from bench.bare_chain.workload import AMOUNT, BALANCE, ORDER_BASE, Chain, Process, start_chain
 
 ORDERS = 100_000  # the issue's bare chain
+_MODULE = [sys.executable, "-m", "bench.bare_chain"]
 
 
 def start(pg_admin_url: str, public_keys: dict[int, str], first_order: int = ORDER_BASE, orders: int = ORDERS, *,
@@ -43,19 +43,10 @@ def start(pg_admin_url: str, public_keys: dict[int, str], first_order: int = ORD
     o % n-th merchant of `public_keys`, in its order), the service and the edge started."""
     from bench.bare_chain.service import setup
 
-    pg = Postgres(pg_admin_url)
-    processes = []
-    try:
-        asyncio.run(setup(pg.url, public_keys, first_order, orders, amount, balance))
-        module = [sys.executable, "-m", "bench.bare_chain"]
-        processes.append(Process("bare-service", [*module, "serve-service", "--database-url", pg.url,
-                                                  "--listen", service_listen], r"bare-service listening on (\S+)"))
-        processes.append(Process("bare-edge", [*module, "serve-edge", "--listen", edge_listen, "--service",
-                                               processes[0].address], r"bare-edge listening on (\S+)"))
-    except BaseException:
-        for process in reversed(processes):
-            process.stop()
-        pg.drop()
-        raise
-    service, edge = processes
-    return Chain({"service": [service], "edge": [edge]}, pg, edge.address)
+    return start_chain(
+        pg_admin_url, lambda url: setup(url, public_keys, first_order, orders, amount, balance),
+        ("service", lambda url, _: Process("bare-service", [*_MODULE, "serve-service", "--database-url", url,
+                                                            "--listen", service_listen],
+                                           r"bare-service listening on (\S+)")),
+        ("edge", lambda _, service: Process("bare-edge", [*_MODULE, "serve-edge", "--listen", edge_listen,
+                                                          "--service", service], r"bare-edge listening on (\S+)")))

@@ -12,12 +12,11 @@ Nothing else: no strict parsing, limits, request ids, logs, metrics or error ans
 from __future__ import annotations
 
 import json
-import socket
 
 import grpc
-import uvicorn
 
 from bench.bare_chain import wire
+from bench.bare_chain.workload import serve_asgi
 
 _JSON = [(b"content-type", b"application/json")]
 
@@ -58,12 +57,4 @@ class BareEdge:
 
 def serve(target: str, address: str) -> None:
     """Serve until SIGTERM or SIGINT; prints "bare-edge listening on HOST:PORT" once it accepts."""
-    host, _, port = address.rpartition(":")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port)))
-    sock.listen(2048)  # before saying so: a caller connects as soon as it reads the line
-    print(f"bare-edge listening on {host}:{sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(BareEdge(target), loop="uvloop", http="httptools", ws="none", lifespan="on",
-                            log_config=None, log_level="warning", access_log=False, server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    serve_asgi(BareEdge(target), address, "bare-edge")

@@ -152,6 +152,28 @@ class Chain:
             self.pg.drop()
 
 
+def start_chain(pg_admin_url: str, load, *roles) -> Chain:
+    """A chain on a database of its own on `pg_admin_url`'s server: `await load(database_url)`,
+    then each (role, start) in turn, `start(database_url, address of the one before) -> Process`;
+    wrk is pointed at the last one. On any failure what was started is stopped and the database
+    dropped."""
+    import asyncio
+
+    pg = Postgres(pg_admin_url)
+    processes: dict[str, list[Process]] = {}
+    address = None
+    try:
+        asyncio.run(load(pg.url))
+        for role, start in roles:
+            process = start(pg.url, address)
+            processes[role] = [process]
+            address = process.address
+    except BaseException:
+        Chain(processes, pg, "").stop()
+        raise
+    return Chain(processes, pg, address)
+
+
 # -- the command lines' shared parts ------------------------------------------------------
 
 
@@ -180,3 +202,21 @@ def public_keys_for_setup(args) -> dict[int, str]:
     if len(public) != args.merchants:
         raise SystemExit(f"{args.keys} holds {len(public)} merchants' keys, not {args.merchants}")
     return public
+
+
+def serve_asgi(app, address: str, name: str) -> None:
+    """`app` on uvicorn (uvloop, httptools, no access log) at HOST:PORT (port 0: a free one) until
+    SIGTERM or SIGINT; prints "NAME listening on HOST:PORT" once it accepts connections."""
+    import socket
+
+    import uvicorn
+
+    host, _, port = address.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(2048)  # before saying so: a caller connects as soon as it reads the line
+    print(f"{name} listening on {host}:{sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", ws="none", lifespan="on", log_config=None,
+                            log_level="warning", access_log=False, server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])
