@@ -117,8 +117,9 @@ class Process:
             if self.process.poll() is not None:
                 break
             time.sleep(0.05)
+        output = self.log.read_text(errors="replace")
         self.stop()
-        raise RuntimeError(f"{name} did not start:\n{self.log.read_text(errors='replace')}")
+        raise RuntimeError(f"{name} did not start:\n{output}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
