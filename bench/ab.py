@@ -1,14 +1,21 @@
 """Compare versions of the code on this noisy machine: each version in its own
-copy of the tree, all on the same loaded data, alternated round after round
-(A, B, A, B, ... with the order rotated each round), medians of the rounds.
+tree, on the same data, alternated round after round (A, B, A, B, ... with the
+order rotated each round), medians of the rounds, and each version's rate as a
+ratio of the first's.
 
-    git worktree add /tmp/before HEAD~1 && cp -r gen/refund /tmp/before/gen/
+    .venv/bin/python -m bench.ab main HEAD                      # two commits (signed PostgreSQL and gRPC)
     .venv/bin/python -m bench.ab /tmp/before . --rounds 3 --modes edge-postgres,grpc-postgres,edge-sqlite
 
-Each round starts `refund-service` and `refund-edge` from each tree (PYTHONPATH
-set to it), warms them up and runs each mode for `--duration` seconds on orders
-no other run touches. Extra environment for a tree: AB_ENV_<its directory name>
-as JSON, e.g. AB_ENV_before='{"REFUND_LOG_LEVEL": "warning"}'.
+A version is a directory holding a tree of the project, or a commit (anything
+`git rev-parse` knows): a commit is checked out into a temporary worktree (removed
+at the end) and its protos generated there. Each version runs its own
+`refund-service`, `refund-edge` and `refund-admin` (the entry points its own
+pyproject.toml names, PYTHONPATH set to its tree) on databases of its own,
+migrated and loaded by its own `refund-admin` with the same merchants and orders.
+Each round starts the processes of each version, warms them up and runs each mode
+for `--duration` seconds on orders no other run touches. Extra environment for a
+version: AB_ENV_<its tree's directory name> as JSON, e.g.
+AB_ENV_before='{"REFUND_LOG_LEVEL": "warning"}'.
 """
 
 from __future__ import annotations
@@ -16,24 +23,63 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import run as bench
+from bench.load import edge_run, grpc_loadgen, json_result, measure, show, wrk, wrk_result
+from bench.processes import Postgres, start_edge, start_service
+from bench.workload import ROOT, Layout, load_document, log, make_keys, prepare_database, sign_bodies
 
 
-def start(tree: Path, url: str) -> tuple[bench.Process, bench.Process]:
-    env = {"REFUND_DATABASE_URL": url, "REFUND_GRPC_LISTEN": "127.0.0.1:0", "PYTHONPATH": f"{tree}:{tree}/gen",
-           "REFUND_EDGE_RATE_LIMIT": "off",  # one merchant at full speed; an edge without the setting ignores it
-           **json.loads(os.environ.get(f"AB_ENV_{tree.name}", "{}"))}
-    service = bench.Process("service", [sys.executable, "-c", "from service.server import main; main()"],
-                            r"listening on (\S+)", env, cwd=tree)
+@dataclass
+class Version:
+    name: str  # as given on the command line
+    tree: Path
+    worktree: bool = False  # a temporary git worktree of ours, removed at the end
+    urls: dict[str, str] = field(default_factory=dict)
+    pg: Postgres | None = None
+
+    @property
+    def env(self) -> dict:
+        return {"PYTHONPATH": f"{self.tree}:{self.tree}/gen",
+                **json.loads(os.environ.get(f"AB_ENV_{self.tree.name}", "{}"))}
+
+    def command(self, script: str) -> list[str]:
+        """argv running one of the tree's own entry points (`refund-service`, ...) with this Python."""
+        scripts = tomllib.loads((self.tree / "pyproject.toml").read_text())["project"]["scripts"]
+        module, function = scripts[script].split(":")
+        return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+
+
+def checkout(name: str, work: Path) -> Version:
+    """A directory as it is, or a commit in a worktree of its own with its protos generated."""
+    if Path(name).is_dir():
+        return Version(name, Path(name).resolve())
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{name}^{{commit}}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    if commit.returncode != 0:
+        raise SystemExit(f"bench.ab: {name!r} is neither a directory nor a commit")
+    tree = work / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit.stdout.strip()], cwd=ROOT, check=True,
+                   capture_output=True)
+    protos = sorted(str(p.relative_to(tree / "protos")) for p in (tree / "protos").rglob("*.proto"))
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", "--python_out=gen",
+                    "--grpc_python_out=gen", *[f"protos/{p}" for p in protos]], cwd=tree, check=True)
+    return Version(name, tree, worktree=True)
+
+
+def start(version: Version, db: str) -> tuple:
+    env = {**version.env, "REFUND_EDGE_RATE_LIMIT": "off"}  # an edge without the setting ignores it
+    service = start_service(version.urls[db], env, version.command("refund-service"), cwd=version.tree)
     try:
-        edge = bench.Process("edge", [sys.executable, "-c", "from gateway_edge.server import main; main()",
-                                      "--listen", "127.0.0.1:0", "--grpc-target", service.address,
-                                      "--log-level", "warning"], r"refund-edge listening on (\S+)", env, cwd=tree)
+        edge = start_edge(service.address, env, version.command("refund-edge"), cwd=version.tree)
     except Exception:
         service.stop()
         raise
@@ -42,7 +88,7 @@ def start(tree: Path, url: str) -> tuple[bench.Process, bench.Process]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trees", nargs="+", type=lambda p: Path(p).resolve())
+    parser.add_argument("versions", nargs="+", help="commits or directories; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=6)
     parser.add_argument("--connections", type=int, default=32)
@@ -53,62 +99,89 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     modes = [tuple(m.split("-")) for m in args.modes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="refund-ab-"))
-    layout = bench.Layout()
+    versions: list[Version] = []
+    try:
+        versions += [checkout(name, work) for name in args.versions]
+        results = compare(args, modes, versions, work)
+    finally:
+        for version in versions:
+            if version.pg is not None:
+                version.pg.drop()
+            if version.worktree:
+                subprocess.run(["git", "worktree", "remove", "--force", str(version.tree)], cwd=ROOT,
+                               capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    summary(modes, versions, results)
+    return 0
+
+
+def compare(args, modes, versions: list[Version], work: Path) -> dict:
+    layout = Layout()
     runs = {(r, t, m): layout.add(f"{r}-{t}-{'-'.join(m)}", int(args.duration * (1800 if m[0] == "edge" else 2500)),
                                   m[0] == "edge")
-            for r in range(args.rounds) for t in range(len(args.trees)) for m in modes}
+            for r in range(args.rounds) for t in range(len(versions)) for m in modes}
     warm = {(r, t): (layout.add(f"warm-edge-{r}-{t}", 1500, True), layout.add(f"warm-grpc-{r}-{t}", 1500, False))
-            for r in range(args.rounds) for t in range(len(args.trees))}  # fresh orders: warm the approvals
-    private, public = bench.make_keys()
-    bodies = bench.sign_bodies(private, [s for s in layout.slices.values() if s.signed], work)
-    pg = bench.Postgres(args.pg_url) if any(db == "postgres" for _, db in modes) else None
-    urls = {db: pg.url if db == "postgres" else f"sqlite:///{work / 'refund.db'}" for _, db in modes}
+            for r in range(args.rounds) for t in range(len(versions))}  # fresh orders: warm the approvals
+    private, public = make_keys()
+    bodies = sign_bodies(private, [s for s in layout.slices.values() if s.signed], work)
     document = work / "load.json"
-    document.write_text(json.dumps(bench.load_document(public, list(layout.slices.values()))))
-    for url in urls.values():
-        if bench.prepare_database(url, document).wait() != 0:
-            raise RuntimeError("refund-admin could not load the data")
+    document.write_text(json.dumps(load_document(public, list(layout.slices.values()))))
+    for t, version in enumerate(versions):
+        for db in {db for _, db in modes}:
+            if db == "postgres":
+                version.pg = Postgres(args.pg_url)
+                version.urls[db] = version.pg.url
+            else:
+                version.urls[db] = f"sqlite:///{work / f'refund-{t}.db'}"
+            loader = prepare_database(version.urls[db], document, version.command("refund-admin"), version.tree,
+                                      version.env)
+            if loader.wait() != 0:
+                raise RuntimeError(f"{version.name}: refund-admin could not load the data")
     results: dict = {}
-    try:
-        for r in range(args.rounds):
-            order = list(enumerate(args.trees))
-            order = order[r % len(order):] + order[:r % len(order)]
-            for t, tree in order:
-                for db, url in urls.items():
-                    service, edge = start(tree, url)
-                    try:
-                        bench.wrk_result(bench.wrk(edge.address, bodies[warm[(r, t)][0].name], 8, 2))
-                        bench.json_result(bench.grpc_loadgen([service.address], warm[(r, t)][1], 8, 1.5))
-                        for mode in modes:
-                            if mode[1] != db:
-                                continue
-                            piece = runs[(r, t, mode)]
-                            if mode[0] == "edge":
-                                result = bench.measure("edge", lambda: bench.edge_run(
-                                    [edge], bodies[piece.name], args.connections, args.duration),
-                                    {"edge": [edge], "service": [service]}, pg if db == "postgres" else None)
-                            else:
-                                result = bench.measure("grpc", lambda: [bench.json_result(bench.grpc_loadgen(
-                                    [service.address], piece, args.connections, args.duration))],
-                                    {"service": [service]}, pg if db == "postgres" else None)
-                            results.setdefault((t, mode), []).append(result)
-                            bench.log(f"round {r} {tree.name} {'-'.join(mode)}: {bench.show(result)}")
-                    finally:
-                        edge.stop()
-                        service.stop()
-    finally:
-        if pg is not None:
-            pg.drop()
+    for r in range(args.rounds):
+        order = list(enumerate(versions))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for t, version in order:
+            for db in version.urls:
+                service, edge = start(version, db)
+                try:
+                    wrk_result(wrk(edge.address, bodies[warm[(r, t)][0].name], 8, 2))
+                    json_result(grpc_loadgen([service.address], warm[(r, t)][1], 8, 1.5))
+                    for mode in modes:
+                        if mode[1] != db:
+                            continue
+                        piece = runs[(r, t, mode)]
+                        pg = version.pg if db == "postgres" else None
+                        if mode[0] == "edge":
+                            result = measure("edge", lambda: edge_run([edge], bodies[piece.name], args.connections,
+                                                                      args.duration),
+                                             {"edge": [edge], "service": [service]}, pg)
+                        else:
+                            result = measure("grpc", lambda: [json_result(grpc_loadgen(
+                                [service.address], piece, args.connections, args.duration))],
+                                {"service": [service]}, pg)
+                        results.setdefault((t, mode), []).append(result)
+                        log(f"round {r} {version.name} {'-'.join(mode)}: {show(result)}")
+                finally:
+                    edge.stop()
+                    service.stop()
+    return results
+
+
+def summary(modes, versions: list[Version], results: dict) -> None:
     print("\nmedians of the rounds")
     for mode in modes:
-        for t, tree in enumerate(args.trees):
+        base = None
+        for t, version in enumerate(versions):
             done = results.get((t, mode), [])
-            if done:
-                cpu = " ".join(f"{k}={statistics.median(x['cpu_us'][k] for x in done):.0f}" for k in done[0]["cpu_us"])
-                print(f"{'-'.join(mode):14} {tree.name:12} {statistics.median(x['rate'] for x in done):6.0f}/s  "
-                      f"p99 {statistics.median(x['p99_ms'] for x in done):6.1f} ms  CPU us/refund: {cpu}  "
-                      f"total={statistics.median(x['cpu_total_us'] for x in done):.0f}")
-    return 0
+            if not done:
+                continue
+            rate = statistics.median(x["rate"] for x in done)
+            base = base or rate
+            cpu = " ".join(f"{k}={statistics.median(x['cpu_us'][k] for x in done):.0f}" for k in done[0]["cpu_us"])
+            print(f"{'-'.join(mode):14} {version.name:12} {rate:6.0f}/s ({rate / base:.2f}x)  "
+                  f"p99 {statistics.median(x['p99_ms'] for x in done):6.1f} ms  CPU us/refund: {cpu}  "
+                  f"total={statistics.median(x['cpu_total_us'] for x in done):.0f}")
 
 
 if __name__ == "__main__":
