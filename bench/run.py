@@ -153,7 +153,8 @@ def measure_levels(report: dict, args, db_name: str, url: str, db: Postgres | No
         # warm-up: connections, pools, caches, prepared statements
         wrk_result(wrk(edge.address, bodies["warm-edge"], 8, 2))
         json_result(grpc_loadgen([service.address], slices["warm-grpc"], 8, 1.5, args.grpc_client))
-        report.setdefault("rss_after_warmup", {})[db_name] = {"edge": rss_mib(edge.pid), "service": rss_mib(service.pid)}
+        report.setdefault("rss_after_warmup", {})[db_name] = {"edge": rss_mib(edge.pid),
+                                                              "service": rss_mib(service.pid)}
         for c in levels:
             result = measure("edge", lambda: edge_run([edge], bodies[f"edge-{c}"], c, args.duration),
                              chain.processes, db)

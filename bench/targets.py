@@ -121,10 +121,19 @@ def run_targets(arms: list[Arm], rounds: int, duration: float, slices: dict[str,
                 urls: dict[str, str], pg: Postgres | None, public: dict[int, str], client: str) -> dict:
     chains: dict[str, Chain] = {}
     results: dict[str, list[dict]] = {arm.name: [] for arm in arms}
+    failed: dict[str, str] = {}  # a comparison chain that would not start: its arms are left out, and say why
     try:
         for name in dict.fromkeys(arm.chain for arm in arms):
-            chains[name] = start_chain(name, urls, pg, public, slices)
+            try:
+                chains[name] = start_chain(name, urls, pg, public, slices)
+            except Exception as error:
+                if name in ("pg", "sqlite"):
+                    raise
+                failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                log(f"targets: the {name} chain did not start ({failed[name]}); its targets are not measured")
+                continue
             wrk_result(wrk(chains[name].address, bodies[f"target-warm-{name}"], 8, 2))
+        arms = [arm for arm in arms if arm.chain not in failed]
         if "pg" in chains and any(arm.grpc for arm in arms):
             json_result(grpc_loadgen([chains["pg"].grpc_address], slices["target-warm-grpc"], 8, 1.5, client))
         for r in range(rounds):
@@ -138,7 +147,8 @@ def run_targets(arms: list[Arm], rounds: int, duration: float, slices: dict[str,
     finally:
         for chain in chains.values():
             chain.stop()
-    return {"rounds": rounds, "arms": {arm.name: {"label": arm.label, "runs": results[arm.name]} for arm in arms}}
+    return {"rounds": rounds, "arms": {arm.name: {"label": arm.label, "runs": results[arm.name]} for arm in arms},
+            "failed": failed}
 
 
 def start_chain(name: str, urls: dict[str, str], pg: Postgres | None, public: dict[int, str],
@@ -176,9 +186,11 @@ def ratios(targets: dict, soak: dict | None) -> list[dict]:
         top, bottom = arms.get(target.numerator), arms.get(target.denominator)
         if not top or not bottom:
             missing = target.denominator if not bottom else target.numerator
-            row["missing"] = f"{missing} not measured" + (
-                f" (bench/{'bare_chain' if missing == 'bare' else missing}/ not there)" if missing in ("bare", "peer")
-                else "")
+            row["missing"] = f"{missing} not measured"
+            if missing in targets.get("failed", {}):
+                row["missing"] += f" (did not start: {targets['failed'][missing]})"
+            elif missing in ("bare", "peer"):
+                row["missing"] += f" (bench/{'bare_chain' if missing == 'bare' else missing}/ not there)"
             rows.append(row)
             continue
         per_round = [metric(a, target.metric) / metric(b, target.metric)
