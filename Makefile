@@ -48,7 +48,7 @@ mutation: proto ## mutation testing of the rules: domain.py (mutmut) and the sto
 SOAK ?= 20
 BENCH_ARGS ?=
 
-bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=300 for 5 min); needs wrk, PostgreSQL
+bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=300 for 5 min), issue 16's ratios; needs wrk, PostgreSQL
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 2; }
 	$(PY) -m bench.run --soak $(SOAK) $(BENCH_ARGS)
 
