@@ -116,13 +116,13 @@ def signed_body(private_pem: bytes, order_id: int) -> tuple[bytes, str]:
     return line["request"].encode(), line["signature"]
 
 
-def make_keys() -> tuple[dict[int, bytes], dict[int, str]]:
-    """(private PEM, public PEM) of every merchant, the storm merchant included."""
+def make_keys(merchants: list[int] | None = None) -> tuple[dict[int, bytes], dict[int, str]]:
+    """(private PEM, public PEM) of each of `merchants`, by default every merchant, the storm merchant included."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     private, public = {}, {}
-    for merchant in all_merchants():
+    for merchant in merchants or all_merchants():
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         private[merchant] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption())

@@ -11,7 +11,8 @@ script (bench/refund.lua) work on them unchanged:
 - the bench's Process (a child process, its pid, the address it prints) and
   Postgres (a database of its own, the CPU of its backends).
 
-This module is the one place that names where those live (bench/run.py today).
+This module is the one place that names where those live (bench/workload.py and
+bench/processes.py).
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from bench import run as bench
+from bench import processes
+from bench import workload as bench
 
 AMOUNT = bench.AMOUNT  # of each order, and of each refund the bench asks for
 BALANCE = bench.BALANCE  # each merchant's unsettled HKD balance at the start
 ORDER_BASE = bench.ORDER_BASE
 CURRENCY = "HKD"  # the bench's only currency: two decimals
 HUNDRED = 100  # minor units of one HKD
-Process = bench.Process
-Postgres = bench.Postgres
+Process = processes.Process
+Postgres = processes.Postgres
 
 
 def minor_units(amount: str | Decimal) -> int:
@@ -46,7 +48,7 @@ def minor_units(amount: str | Decimal) -> int:
 
 def merchant_ids(count: int) -> list[int]:
     """The bench's merchants when it runs with --merchants=count (8000001, 8000002, ...)."""
-    bench.MERCHANTS[:] = [8_000_001 + i for i in range(count)]  # as bench.run's main sets them
+    bench.MERCHANTS[:] = [8_000_001 + i for i in range(count)]  # as bench/run.py's main sets them
     return list(bench.MERCHANTS)
 
 
@@ -56,7 +58,7 @@ def merchant_ids(count: int) -> list[int]:
 def make_keys_file(path: Path, merchants: int) -> dict[int, str]:
     """Fresh keys for the bench's first `merchants` merchants, written to `path`; the public PEMs."""
     merchant_ids(merchants)
-    private, public = bench.make_keys()
+    private, public = bench.make_keys(list(bench.MERCHANTS))
     document = {"private": {str(m): pem.decode("ascii") for m, pem in private.items()},
                 "public": {str(m): pem for m, pem in public.items()}}
     path.write_text(json.dumps(document))
