@@ -50,6 +50,7 @@ BENCH_ARGS ?=
 
 bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=300 for 5 min), issue 16's ratios; needs wrk, PostgreSQL
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 2; }
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.run --soak $(SOAK) $(BENCH_ARGS)
 
 clean: ## remove the virtual environment, generated code and local databases
