@@ -32,8 +32,11 @@ def _no_constants(name):
     raise StrictJSONError(f"{name} is not a number")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_float=Decimal, parse_int=Decimal,
-                            parse_constant=_no_constants)
+# The rules for numbers alone (no float, no NaN or Infinity), for a reader that treats
+# duplicate keys its own way: `refund-admin load` names the entry that holds one.
+NUMBER_RULES = {"parse_float": Decimal, "parse_constant": _no_constants}
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_int=Decimal, **NUMBER_RULES)
 
 
 def loads(data: bytes | str):

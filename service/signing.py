@@ -76,10 +76,20 @@ def signature_candidates(signature: str) -> list[bytes]:
     return candidates
 
 
+def public_key_problem(key) -> str | None:
+    """Why a public key cannot verify merchant signatures, or None when it can (an RSA
+    key of at least MIN_KEY_BITS); also what `refund-admin` says of a key it refuses."""
+    if not isinstance(key, rsa.RSAPublicKey):
+        return "is not an RSA key"
+    if key.key_size < MIN_KEY_BITS:
+        return f"is a {key.key_size}-bit RSA key; at least {MIN_KEY_BITS} bits are required"
+    return None
+
+
 @functools.lru_cache(maxsize=4096)
 def load_public_key(pem: str) -> rsa.RSAPublicKey:
     key = serialization.load_pem_public_key(pem.encode("ascii"))
-    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_KEY_BITS:
+    if public_key_problem(key) is not None:
         raise ValueError(f"an RSA public key of at least {MIN_KEY_BITS} bits is required")
     return key
 
