@@ -8,7 +8,16 @@ PY     := $(BIN)/python
 PROTOS := $(wildcard protos/refund/v1/*.proto)
 GENERATED := $(patsubst protos/%.proto,gen/%_pb2.py,$(PROTOS))
 
-.PHONY: help install proto migrate demo run test test-fast mutation bench lint clean
+# The buf CLI (lint and breaking-change checks of protos/), pinned, from the npm
+# registry into the project's own .tools/ (not committed): needs node and npm.
+BUF_VERSION := 1.75.0
+TOOLS := .tools
+BUF   := $(TOOLS)/node_modules/.bin/buf
+# The protos of the last release, as a buf image: `buf breaking` compares against
+# it (CI runs without git history, so not against a git ref). See protos/releases/.
+PROTO_RELEASE := protos/releases/v0.1.0.binpb
+
+.PHONY: help install tools proto migrate demo run test test-fast mutation bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -19,6 +28,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+tools: $(TOOLS)/.buf-$(BUF_VERSION) ## install the pinned buf CLI (npm @bufbuild/buf) into .tools/
+
+$(TOOLS)/.buf-$(BUF_VERSION):
+	@command -v npm >/dev/null || { echo "make tools needs npm (Debian: apt-get install npm)"; exit 2; }
+	rm -f $(TOOLS)/.buf-*
+	npm install --prefix $(TOOLS) --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+	$(BUF) --version
 	touch $@
 
 proto: $(GENERATED) ## generate the gRPC/protobuf code into gen/ (not committed)
@@ -53,5 +71,10 @@ bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=30
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.run --soak $(SOAK) $(BENCH_ARGS)
 
-clean: ## remove the virtual environment, generated code and local databases
-	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info build dist refund.db refund.db-wal refund.db-shm demo mutants
+lint: tools ## check the protos: buf lint (STANDARD + COMMENTS) and buf breaking against the last release
+# Python (ruff) goes here, before the protos.
+	$(BUF) lint
+	$(BUF) breaking --against $(PROTO_RELEASE)
+
+clean: ## remove the virtual environment, generated code, .tools and local databases
+	rm -rf $(VENV) gen/refund/v1/*_pb2*.py* *.egg-info build dist refund.db refund.db-wal refund.db-shm demo mutants $(TOOLS)
