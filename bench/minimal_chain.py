@@ -54,8 +54,8 @@ class MinimalService(refund_pb2_grpc.RefundServiceServicer):
         result = (await self.store.try_refund(command, SignedBy(key_id))).applied
         if result is None:  # not approved as things stand: out of its scope
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not refunded")
-        return refund_pb2.RefundResponse(response_code="0000", order=order_message(result.order),
-                                         transaction=transaction_message(result.transaction))
+        return refund_pb2.MerchantRefundResponse(response_code="0000", order=order_message(result.order),
+                                                 transaction=transaction_message(result.transaction))
 
 
 async def serve_service(database_url: str, address: str) -> None:
@@ -95,7 +95,7 @@ class MinimalEdge:
         if self.stub is None:
             self.stub = refund_pb2_grpc.RefundServiceStub(grpc.aio.insecure_channel(self.target))
         envelope = json.loads(body)
-        reply = await self.stub.MerchantRefund(refund_pb2.SignedRequest(
+        reply = await self.stub.MerchantRefund(refund_pb2.MerchantRefundRequest(
             request=envelope["request"].encode(), signature=envelope["signature"]), timeout=10)
         answer = {"responseCode": reply.response_code, "message": "SUCCESS",
                   "order": {"orderId": reply.order.id, "status": reply.order.status, "amount": reply.order.amount},

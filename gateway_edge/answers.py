@@ -108,19 +108,19 @@ def system_error() -> Answer:
 # -- gRPC outcome -> answer ---------------------------------------------------
 
 
-def from_reply(reply: refund_pb2.RefundResponse) -> Answer:
-    """The answer for a RefundResponse (an approved refund)."""
+def from_reply(reply: refund_pb2.MerchantRefundResponse) -> Answer:
+    """The answer for a MerchantRefundResponse (an approved refund)."""
     if reply.response_code != ResponseCode.SUCCESS.value:
-        log.error("RefundResponse with response code %r", reply.response_code)
+        log.error("MerchantRefundResponse with response code %r", reply.response_code)
         return system_error()
     return Answer(ResponseCode.SUCCESS, None, reply.order if reply.HasField("order") else None,
                   reply.transaction if reply.HasField("transaction") else None)
 
 
-def from_order_reply(reply: refund_pb2.GetOrderResponse) -> Answer:
-    """The answer for a GetOrderResponse (POST /direct/query)."""
+def from_order_reply(reply: refund_pb2.MerchantGetOrderResponse) -> Answer:
+    """The answer for a MerchantGetOrderResponse (POST /direct/query)."""
     if not reply.HasField("order"):
-        log.error("GetOrderResponse without an order")
+        log.error("MerchantGetOrderResponse without an order")
         return system_error()
     return Answer(ResponseCode.SUCCESS, order=reply.order, transactions=tuple(reply.transactions))
 
@@ -174,13 +174,26 @@ def render(answer: Answer) -> bytes:
     return "".join(parts).encode("ascii")
 
 
+def _texts(enum, prefix: str) -> dict[int, str]:
+    """{ORDER_STATUS_REFUNDED: "REFUNDED", ...}: the docs/api.md text of each value of a proto enum."""
+    return {number: name.removeprefix(prefix) for name, number in enum.items() if number}
+
+
+# The JSON shows the enum fields' text. When an enum is unset or a value this
+# edge does not know (an answer of a 0.1.0 service, or one it stored for an
+# Idempotency-Key), the deprecated string field beside it says the same.
+_ORDER_STATUS = _texts(refund_pb2.OrderStatus, "ORDER_STATUS_")
+_TRANSACTION_TYPE = _texts(refund_pb2.TransactionType, "TRANSACTION_TYPE_")
+_TRANSACTION_STATUS = _texts(refund_pb2.TransactionStatus, "TRANSACTION_STATUS_")
+
+
 def _order(order: refund_pb2.Order) -> str:
     fields = [
         f'"id":{_id(order.id)}',
         f'"merchantReference":{json.dumps(order.merchant_reference)}',
         f'"currency":{json.dumps(order.currency)}',
         f'"amount":{_amount(order.amount, order.currency)}',
-        f'"status":{json.dumps(order.status)}',
+        f'"status":{json.dumps(_ORDER_STATUS.get(order.order_status, order.status))}',
     ]
     if order.HasField("create_time"):
         fields.append(f'"createTime":"{_time(order.create_time)}"')
@@ -193,10 +206,10 @@ def _transaction(txn: refund_pb2.Transaction) -> str:
     fields = [
         f'"id":{_id(txn.id)}',
         f'"merchantId":{_digits(txn.merchant_id)}',
-        f'"type":{json.dumps(txn.type)}',
+        f'"type":{json.dumps(_TRANSACTION_TYPE.get(txn.transaction_type, txn.type))}',
         f'"currency":{json.dumps(txn.currency)}',
         f'"amount":{_amount(txn.amount, txn.currency)}',
-        f'"status":{json.dumps(txn.status)}',
+        f'"status":{json.dumps(_TRANSACTION_STATUS.get(txn.transaction_status, txn.status))}',
         f'"maskedPan":{json.dumps(txn.masked_pan)}',
         f'"stan":{json.dumps(txn.stan)}',
     ]

@@ -242,14 +242,18 @@ class EdgeApp:
         if isinstance(key, Answer):
             await responder.answer(key)
             return
-        await self._forward(scope, receive, responder, "MerchantRefund", answers.from_reply, idempotency_key=key)
+        await self._forward(scope, receive, responder, "MerchantRefund", refund_pb2.MerchantRefundRequest,
+                            answers.from_reply, idempotency_key=key)
 
     async def _query(self, scope, receive, responder: "_Responder"):
-        await self._forward(scope, receive, responder, "MerchantGetOrder", answers.from_order_reply)
+        await self._forward(scope, receive, responder, "MerchantGetOrder", refund_pb2.MerchantGetOrderRequest,
+                            answers.from_order_reply)
 
-    async def _forward(self, scope, receive, responder: "_Responder", method: str, to_answer, **fields):
-        """Read the signed envelope, call `method` of RefundService with it (and
-        the request id), and answer what the service replied."""
+    async def _forward(self, scope, receive, responder: "_Responder", method: str, request_type, to_answer,
+                       **fields):
+        """Read the signed envelope, call `method` of RefundService with it as a
+        `request_type` message (and the request id), and answer what the service
+        replied."""
         envelope = await self._signed_envelope(scope, receive, responder)
         if envelope is None:
             return
@@ -269,7 +273,7 @@ class EdgeApp:
         self._open_channel()
         try:
             reply = await getattr(self._refunds, method)(
-                refund_pb2.SignedRequest(request=request, signature=signature, **fields),
+                request_type(request=request, signature=signature, **fields),
                 timeout=self.deadline, metadata=((telemetry.METADATA_KEY, responder.request_id),))
         except grpc.RpcError as error:
             answer = answers.from_rpc_error(error)

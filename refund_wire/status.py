@@ -111,17 +111,18 @@ def unpack(status: status_pb2.Status) -> tuple[error_details_pb2.ErrorInfo | Non
 
 def stored_answer(answer: refund_pb2.RefundResponse | RpcError) -> bytes:
     """An answer as an Idempotency-Key keeps it: a serialized google.rpc.Status,
-    code OK with the RefundResponse as its one detail, or the rich error."""
+    code OK with the RefundResponse as its one detail (typed as release 0.1.0
+    stored it), or the rich error."""
     if isinstance(answer, RpcError):
         return answer.to_proto().SerializeToString()
     return status_pb2.Status(code=code_pb2.OK, details=[pack(answer)]).SerializeToString()
 
 
-def replayed_answer(stored: bytes) -> refund_pb2.RefundResponse:
-    """The stored answer again: the RefundResponse, or raises the stored RpcError."""
+def replayed_answer(stored: bytes) -> refund_pb2.MerchantRefundResponse:
+    """The stored answer again, as MerchantRefund answers it, or raises the
+    stored RpcError. The detail is a RefundResponse (0.1.0's name for the same
+    fields): its bytes are read as they are, whatever the type it names."""
     status = status_pb2.Status.FromString(stored)
     if status.code != code_pb2.OK:
         raise RpcError.from_proto(status)
-    reply = refund_pb2.RefundResponse()
-    status.details[0].Unpack(reply)
-    return reply
+    return refund_pb2.MerchantRefundResponse.FromString(status.details[0].value)

@@ -55,19 +55,32 @@ def sale_time(stamp: timestamp_pb2.Timestamp) -> datetime:
     return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
 
 
+def _enum_numbers(enum, prefix: str) -> dict[str, int]:
+    """{"REFUNDED": ORDER_STATUS_REFUNDED, ...}: a proto enum by the docs/api.md text of its values."""
+    return {name.removeprefix(prefix): number for name, number in enum.items() if number}
+
+
+_ORDER_STATUS = _enum_numbers(refund_pb2.OrderStatus, "ORDER_STATUS_")
+_TRANSACTION_TYPE = _enum_numbers(refund_pb2.TransactionType, "TRANSACTION_TYPE_")
+_TRANSACTION_STATUS = _enum_numbers(refund_pb2.TransactionStatus, "TRANSACTION_STATUS_")
+
+
 def order_message(order: domain.Order) -> refund_pb2.Order:
+    # `status` (text, deprecated) stays filled beside `order_status` for callers built from the 0.1.0 protos.
     return refund_pb2.Order(
         id=order.id, merchant_id=str(order.merchant_id), merchant_reference=order.merchant_reference,
         currency=order.currency, amount=domain.format_minor(order.amount, order.currency), status=order.status,
         payment_method=order.payment_method, create_time=_timestamp(order.create_time),
-        update_time=_timestamp(order.update_time))
+        update_time=_timestamp(order.update_time), order_status=_ORDER_STATUS[order.status])
 
 
 def transaction_message(txn: domain.Transaction) -> refund_pb2.Transaction:
+    # `type` and `status` (text, deprecated) stay filled beside the enums for callers built from the 0.1.0 protos.
     return refund_pb2.Transaction(
         id=txn.id, merchant_id=str(txn.merchant_id), order_id=txn.order_id, type=txn.type, currency=txn.currency,
         amount=domain.format_minor(txn.amount, txn.currency), status=txn.status, masked_pan=txn.masked_pan,
-        stan=txn.stan, create_time=_timestamp(txn.create_time))
+        stan=txn.stan, create_time=_timestamp(txn.create_time), transaction_type=_TRANSACTION_TYPE[txn.type],
+        transaction_status=_TRANSACTION_STATUS[txn.status])
 
 
 def settlement_message(settlement: Settlement) -> refund_pb2.Settlement:
@@ -78,12 +91,13 @@ def settlement_message(settlement: Settlement) -> refund_pb2.Settlement:
         create_time=_timestamp(settlement.created_at))
 
 
-def refund_answer(result: domain.RefundResult) -> refund_pb2.RefundResponse:
-    """The response for an approved refund; raises RpcError for any other outcome."""
+def refund_answer(result: domain.RefundResult, response=refund_pb2.RefundResponse):
+    """The response for an approved refund (a RefundResponse, or the `response`
+    message class: MerchantRefundResponse); raises RpcError for any other outcome."""
     order = order_message(result.order) if result.order else None
     transaction = transaction_message(result.transaction) if result.transaction else None
     if result.code is ResponseCode.SUCCESS:
-        return refund_pb2.RefundResponse(response_code=result.code.value, order=order, transaction=transaction)
+        return response(response_code=result.code.value, order=order, transaction=transaction)
     decline = None
     if order is not None:
         decline = refund_pb2.RefundDecline(response_code=result.code.value, order=order, transaction=transaction)
@@ -95,7 +109,9 @@ def _order_key(order_id: int, merchant_reference: str) -> tuple[int | None, str 
 
 
 def encode_answer(answer: domain.RefundResult | domain.DomainError) -> bytes:
-    """A refund's answer as an Idempotency-Key stores it (refund_wire.status.stored_answer)."""
+    """A refund's answer as an Idempotency-Key stores it (refund_wire.status.stored_answer). An
+    approval is stored as a RefundResponse, as release 0.1.0 stored it (the same fields and bytes
+    as MerchantRefundResponse), so that a 0.1.0 process replays it and the other way round."""
     if isinstance(answer, domain.DomainError):
         return stored_answer(RpcError.of(answer.code, answer.message))
     try:
@@ -104,14 +120,16 @@ def encode_answer(answer: domain.RefundResult | domain.DomainError) -> bytes:
         return stored_answer(error)
 
 
-def _reply(answer: domain.RefundResult | Replayed) -> refund_pb2.RefundResponse:
-    return replayed_answer(answer.answer) if isinstance(answer, Replayed) else refund_answer(answer)
+def _reply(answer: domain.RefundResult | Replayed) -> refund_pb2.MerchantRefundResponse:
+    if isinstance(answer, Replayed):
+        return replayed_answer(answer.answer)
+    return refund_answer(answer, refund_pb2.MerchantRefundResponse)
 
 
-def order_reply(found: tuple[domain.Order, list[domain.Transaction]]) -> refund_pb2.GetOrderResponse:
+def order_reply(found: tuple[domain.Order, list[domain.Transaction]], response=refund_pb2.GetOrderResponse):
+    """A GetOrderResponse, or the `response` message class (MerchantGetOrderResponse)."""
     order, transactions = found
-    return refund_pb2.GetOrderResponse(order=order_message(order),
-                                       transactions=[transaction_message(t) for t in transactions])
+    return response(order=order_message(order), transactions=[transaction_message(t) for t in transactions])
 
 
 class _Undecodable:
@@ -209,7 +227,8 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
 
     async def MerchantGetOrder(self, request, context):
         async def operation():
-            return order_reply(await orders.merchant_order(self._store, request.request, request.signature))
+            return order_reply(await orders.merchant_order(self._store, request.request, request.signature),
+                               refund_pb2.MerchantGetOrderResponse)
 
         return await self._call(context, operation)
 

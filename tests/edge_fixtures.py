@@ -263,7 +263,7 @@ class FakeRefundService(refund_pb2_grpc.RefundServiceServicer):
             context.abort_with_status(rpc_status.to_status(
                 status_pb2.Status(code=code, message=self.SECRET, details=[_pack(info)])))
         if behaviour == "bad_amount":
-            return refund_pb2.RefundResponse(
+            return refund_pb2.MerchantRefundResponse(
                 response_code="0000",
                 order=refund_pb2.Order(id=1, merchant_id="1", merchant_reference="r", currency="HKD", amount="76.1",
                                        status="REFUNDED"),

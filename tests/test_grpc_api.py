@@ -179,6 +179,23 @@ def test_get_order_returns_the_order_with_its_transactions(service):
     assert error_info(caught.value)[0].reason == "ORDER_NOT_FOUND"
 
 
+def test_states_and_types_are_enums_with_the_release_strings_beside_them(service):
+    reply = refund(service, "10.00", order_id=1080)
+    assert (reply.order.order_status, reply.order.status) == (refund_pb2.ORDER_STATUS_PARTIALLY_REFUNDED,
+                                                              "PARTIALLY_REFUNDED")
+    assert (reply.transaction.transaction_type, reply.transaction.type) == (refund_pb2.TRANSACTION_TYPE_REFUND,
+                                                                            "REFUND")
+    assert (reply.transaction.transaction_status, reply.transaction.status) == \
+        (refund_pb2.TRANSACTION_STATUS_SUCCESS, "SUCCESS")
+    found = service.stub.GetOrder(refund_pb2.GetOrderRequest(merchant_id=str(MERCHANT), order_id=1080))
+    assert [(t.transaction_type, t.type) for t in found.transactions] == \
+        [(refund_pb2.TRANSACTION_TYPE_SALE, "SALE"), (refund_pb2.TRANSACTION_TYPE_REFUND, "REFUND")]
+    settled = service.stub.GetOrder(refund_pb2.GetOrderRequest(merchant_id=str(MERCHANT), order_id=1078))
+    assert (settled.order.order_status, settled.order.status) == (refund_pb2.ORDER_STATUS_SETTLED, "SETTLED")
+    _, _, decline = declined(service, "10.00", order_id=1081)
+    assert (decline.order.order_status, decline.order.status) == (refund_pb2.ORDER_STATUS_OPEN, "OPEN")
+
+
 def sale(order_id=5000, amount="99.90", **overrides):
     fields = dict(order_id=order_id, merchant_id=str(MERCHANT), merchant_reference=f"sale-{order_id}", currency="HKD",
                   amount=amount, payment_method="VISA", masked_pan="400000******0002", stan="123456")

@@ -120,7 +120,7 @@ def test_a_call_answered_9001_frees_its_key_and_the_retry_runs(sqlite_url):
     failing = _FailingRefunds(service.store)
     try:
         request = b'{"merchantId":"3000001","orderId":1,"amount":10.00}'
-        signed = refund_pb2.SignedRequest(request=request, signature=sign(example_key(), request),
+        signed = refund_pb2.MerchantRefundRequest(request=request, signature=sign(example_key(), request),
                                           idempotency_key="k-1")
 
         async def call_servicer():
@@ -137,7 +137,7 @@ def test_a_call_answered_9001_frees_its_key_and_the_retry_runs(sqlite_url):
         first = service.stub.MerchantRefund(signed, timeout=5)
         assert first.response_code == "0000"
         assert service.stub.MerchantRefund(signed, timeout=5) == first
-        other = refund_pb2.SignedRequest(request=request.replace(b"10.00", b"5.00"),
+        other = refund_pb2.MerchantRefundRequest(request=request.replace(b"10.00", b"5.00"),
                                          signature=sign(example_key(), request.replace(b"10.00", b"5.00")),
                                          idempotency_key="k-1")
         with pytest.raises(grpc.RpcError) as conflict:

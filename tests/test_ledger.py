@@ -346,7 +346,7 @@ def test_a_key_deactivated_after_authentication_refuses_the_idempotent_refund(se
     change_after_authentication(monkeypatch, service.url,
                                 f"UPDATE merchant_keys SET active = false WHERE merchant_id = {MERCHANT}")
     request = refund_text(MERCHANT, "10.00", order_id=1000)
-    code, reason = rpc_error(service.stub.MerchantRefund, refund_pb2.SignedRequest(
+    code, reason = rpc_error(service.stub.MerchantRefund, refund_pb2.MerchantRefundRequest(
         request=request.encode(), signature=sign(service.key, request), idempotency_key="idem-1"), timeout=10)
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "AUTHENTICATION_FAILED")
     assert scalar(service.url, "SELECT COUNT(*) FROM transactions WHERE type = 'REFUND'") == 0
@@ -360,7 +360,7 @@ def test_a_merchant_suspended_after_authentication_refuses_the_timestamped_refun
                                 f"UPDATE merchants SET status = 'SUSPENDED' WHERE id = {MERCHANT}")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     request = refund_text(MERCHANT, "10.00", order_id=1001)[:-1] + f', "timestamp": "{now}"}}'
-    code, reason = rpc_error(service.stub.MerchantRefund, refund_pb2.SignedRequest(
+    code, reason = rpc_error(service.stub.MerchantRefund, refund_pb2.MerchantRefundRequest(
         request=request.encode(), signature=sign(service.key, request)), timeout=10)
     assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "MERCHANT_INACTIVE")
     assert hkd_balance(service.url) == 10000

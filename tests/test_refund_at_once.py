@@ -281,10 +281,10 @@ class CountingReads:
         return counted
 
 
-def _signed(key, order_id: int, amount: str = "10.00", **extra) -> refund_pb2.SignedRequest:
+def _signed(key, order_id: int, amount: str = "10.00", **extra) -> refund_pb2.MerchantRefundRequest:
     fields = "".join(f',"{name}":"{value}"' for name, value in extra.items())
     request = f'{{"merchantId":"{MERCHANT}","orderId":{order_id},"amount":{amount}{fields}}}'
-    return refund_pb2.SignedRequest(request=request.encode(), signature=sign(key, request))
+    return refund_pb2.MerchantRefundRequest(request=request.encode(), signature=sign(key, request))
 
 
 def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks_them_each_time(keyed):
@@ -332,7 +332,7 @@ def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks
         assert _audit(keyed, order_id) == []  # a refused signature decides nothing about the order
 
 
-def _assert_refused(service: InProcessService, request: refund_pb2.SignedRequest, reason: str) -> None:
+def _assert_refused(service: InProcessService, request: refund_pb2.MerchantRefundRequest, reason: str) -> None:
     with pytest.raises(Exception) as caught:
         service.stub.MerchantRefund(request)
     assert error_info(caught.value)[0].reason == reason
