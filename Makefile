@@ -71,8 +71,8 @@ bench: proto ## load test on SQLite and PostgreSQL, floors, memory soak (SOAK=30
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.run --soak $(SOAK) $(BENCH_ARGS)
 
-lint: tools ## check the protos: buf lint (STANDARD + COMMENTS) and buf breaking against the last release
-# Python (ruff) goes here, before the protos.
+lint: install tools ## ruff on the Python (pyproject's [tool.ruff]); buf lint (STANDARD + COMMENTS) and buf breaking against the last release
+	$(BIN)/ruff check .
 	$(BUF) lint
 	$(BUF) breaking --against $(PROTO_RELEASE)
 

@@ -54,7 +54,7 @@ def scale_out(url: str, warm: Path, bodies: Path, grpc_slice: Slice, duration: f
     try:
         services += [start_service(url) for _ in range(2)]
         edges += [start_edge("ipv4:" + ",".join(s.address for s in services)) for _ in range(2)]
-        for e, part in zip(edges, split_file(warm, len(edges))):  # orders not yet refunded
+        for e, part in zip(edges, split_file(warm, len(edges)), strict=False):  # orders not yet refunded
             wrk_result(wrk(e.address, part, 4, 1))
         group = {"edge": edges, "service": services}
         signed = measure("edge", lambda: edge_run(edges, bodies, 32, duration), group, pg)

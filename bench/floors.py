@@ -123,7 +123,8 @@ def shares(report: dict) -> dict:
         "service: gRPC server machinery (floor: trivial servicer)": grpc_server,
         "service: RSA verify (floor)": rsa,
         "service: store, asyncpg side (floor: store called directly)": store,
-        "service: the rest (parse, domain, protos, interceptor, log line, metrics)": cpu["service"] - grpc_server - rsa - store,
+        "service: the rest (parse, domain, protos, interceptor, log line, metrics)":
+            cpu["service"] - grpc_server - rsa - store,
         "PostgreSQL: backends of this database": cpu["postgres"],
         "PostgreSQL: WAL writer and other auxiliaries": cpu.get("postgres_aux", 0.0),
     }

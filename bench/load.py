@@ -66,7 +66,7 @@ def edge_run(edges: list, bodies: Path, connections: int, duration: float) -> li
     if len(edges) == 1:
         return [wrk_result(wrk(edges[0].address, bodies, connections, duration))]
     parts = split_file(bodies, len(edges))
-    running = [wrk(e.address, part, connections // len(edges), duration) for e, part in zip(edges, parts)]
+    running = [wrk(e.address, part, connections // len(edges), duration) for e, part in zip(edges, parts, strict=False)]
     return [wrk_result(p) for p in running]
 
 
@@ -83,7 +83,7 @@ def measure(kind: str, start_load, processes: dict[str, list], pg) -> dict:
     merged = merge(results)
     requests = merged["requests"]
     per = 1e6 / requests if requests else float("nan")
-    cpu = {name: sum(a - b for a, b in zip(after[name], before[name])) * per for name in processes}
+    cpu = {name: sum(a - b for a, b in zip(after[name], before[name], strict=False)) * per for name in processes}
     cpu["loadgen"] = children * per
     if pg:
         ours, aux = pg_cpu_delta(pg_before, pg_after)

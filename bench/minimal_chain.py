@@ -36,9 +36,9 @@ from sqlalchemy.engine import make_url
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import domain, server
+from service.grpc_api import order_message, transaction_message
 from service.stores.port import SignedBy
 from service.stores.postgres import PostgresStore
-from service.grpc_api import order_message, transaction_message
 
 
 class MinimalService(refund_pb2_grpc.RefundServiceServicer):

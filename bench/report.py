@@ -35,7 +35,8 @@ def markdown(report: dict) -> str:
         "",
         f"{report['started']}, commit {m['commit']}: {m['cpus']} cores ({m['cpu_model']}), Python {m['python']}, "
         f"grpcio {m['grpcio']}, asyncpg {m['asyncpg']}"
-        + (f", PostgreSQL {report['postgres']['version']} (synchronous_commit={report['postgres']['synchronous_commit']}, "
+        + (f", PostgreSQL {report['postgres']['version']} "
+           f"(synchronous_commit={report['postgres']['synchronous_commit']}, "
            f"fsync={report['postgres']['fsync']})" if "postgres" in report else "") + ".",
         f"Each run {s['duration_s']:g} s, every request on a different order, {s['merchants']} merchants, "
         f"amount {s['amount']} HKD (full refunds). Load generators run on the same 2 cores: wrk for the edge, "
@@ -61,7 +62,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['database']} | {r['path']} | {r['instances']}+{r['instances'] if r['path'] == 'edge' else 0} "
             f"| {r['concurrency']} | {r['rate']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{c.get('edge', 0):.0f} | {c['service']:.0f} | {c.get('postgres', 0):.0f} | {c.get('postgres_aux', 0):.0f} "
+            f"{c.get('edge', 0):.0f} | {c['service']:.0f} | {c.get('postgres', 0):.0f} "
+            f"| {c.get('postgres_aux', 0):.0f} "
             f"| {r['cpu_total_us']:.0f} | {c['loadgen']:.0f} | {r.get('foreign_cpu_pct', 0):.0f}% | {answers} |")
     lines += ["", "`processes` is services+edges. `other load`: the share of the machine's CPU (both cores) that "
               "went to processes outside the bench during the run (other users of the machine); figures taken "
@@ -83,7 +85,8 @@ def markdown(report: dict) -> str:
     for name in ("store-sqlite", "store-postgres"):
         if name in f:
             r = f[name]
-            extra = f", PostgreSQL backends {r['cpu_us'].get('postgres', 0):.0f} us" if "postgres" in r["cpu_us"] else ""
+            extra = (f", PostgreSQL backends {r['cpu_us'].get('postgres', 0):.0f} us"
+                     if "postgres" in r["cpu_us"] else "")
             lines.append(f"- Bare database refund, {name[6:]} (the service's store called directly, 32 in flight): "
                          f"{r['rate']:.0f}/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; store process "
                          f"{r['cpu_us']['store']:.0f} us{extra} of CPU per refund.")
@@ -121,14 +124,17 @@ def markdown(report: dict) -> str:
         for name in ("edge", "service"):
             lines.append(f"  - {name}: {sk[name]['start_mib']:.1f} MiB at the start, "
                          f"{sk[name]['after_first_fifth_mib']:.1f} after the first fifth, {sk[name]['end_mib']:.1f} at "
-                         f"the end ({sk[name]['growth_mib']:+.1f} in all, {sk[name]['growth_after_first_fifth_mib']:+.1f} "
+                         f"the end ({sk[name]['growth_mib']:+.1f} in all, "
+                         f"{sk[name]['growth_after_first_fifth_mib']:+.1f} "
                          f"after the first fifth), at most {sk[name]['max_mib']:.1f}.")
     if report.get("tracing"):
         t = report["tracing"]
         lines += ["", "## Tracing off and on (signed refunds at the edge, PostgreSQL, 32 connections)", "",
                   "Fresh processes for each; on: OTEL_TRACES_EXPORTER=otlp, every request sampled "
-                  f"(OTEL_TRACES_SAMPLER=always_on), {t['spans_exported']} spans exported to an OTLP sink in the bench.",
-                  "", "| tracing | refunds/s | p50 ms | p99 ms | edge us | service us | total us |", "|---|---|---|---|---|---|---|"]
+                  f"(OTEL_TRACES_SAMPLER=always_on), {t['spans_exported']} spans exported to an OTLP sink "
+                  "in the bench.",
+                  "", "| tracing | refunds/s | p50 ms | p99 ms | edge us | service us | total us |",
+                  "|---|---|---|---|---|---|---|"]
         for mode in ("off", "on"):
             r = t[mode]
             lines.append(f"| {mode} | {r['rate']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "

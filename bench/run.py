@@ -59,8 +59,20 @@ from bench.floors import chain_floor, grpc_floor, rsa_verify_floor, shares, spee
 from bench.load import DEFAULT_GRPC_CLIENT, edge_run, grpc_loadgen, json_result, measure, show, wrk, wrk_result
 from bench.processes import Postgres, project_chain, rss_mib
 from bench.report import machine, markdown
-from bench.workload import (AMOUNT, EDGE_RATE_CAP, GRPC_RATE_CAP, MERCHANTS, Layout, Slice, check_alignment,
-                            load_document, log, make_keys, prepare_database, sign_bodies)
+from bench.workload import (
+    AMOUNT,
+    EDGE_RATE_CAP,
+    GRPC_RATE_CAP,
+    MERCHANTS,
+    Layout,
+    Slice,
+    check_alignment,
+    load_document,
+    log,
+    make_keys,
+    prepare_database,
+    sign_bodies,
+)
 
 
 def plan(args, levels: list[int], arms: list[issue16.Arm]) -> dict[str, Slice]:
@@ -243,7 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", default=os.environ.get("BENCH_LEVELS", "8,32,64"),
                         help="concurrency levels: connections at the edge, calls in flight at gRPC (default 8,32,64)")
     parser.add_argument("--soak", type=float, default=float(os.environ.get("BENCH_SOAK", 20)),
-                        help="seconds of the memory soak on PostgreSQL; 0 skips it (default 20; 300 for the 5-minute one)")
+                        help="seconds of the memory soak on PostgreSQL; 0 skips it "
+                             "(default 20; 300 for the 5-minute one)")
     parser.add_argument("--databases", default="sqlite,postgres")
     parser.add_argument("--pg-url", default=os.environ.get("REFUND_BENCH_PG_URL")
                         or os.environ.get("REFUND_TEST_PG_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",

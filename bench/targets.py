@@ -194,7 +194,7 @@ def ratios(targets: dict, soak: dict | None) -> list[dict]:
             rows.append(row)
             continue
         per_round = [metric(a, target.metric) / metric(b, target.metric)
-                     for a, b in zip(top["runs"], bottom["runs"])]
+                     for a, b in zip(top["runs"], bottom["runs"], strict=False)]
         value = statistics.median(per_round)
         row.update(ratio=value, low=min(per_round), high=max(per_round),
                    met=value >= target.goal if target.at_least else value <= target.goal)

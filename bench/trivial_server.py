@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 
@@ -21,7 +21,7 @@ from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import domain, server
 from service.grpc_api import order_message, transaction_message
 
-NOW = datetime(2026, 11, 26, 11, 41, 19, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 11, 41, 19, tzinfo=UTC)
 ORDER = domain.Order(1_000_001, 8_000_001, "bench-1000001", "HKD", 1000, "REFUNDED", "VISA", NOW, NOW)
 REFUND = domain.Transaction(9_999_999, 8_000_001, 1_000_001, "REFUND", "HKD", 1000, "SUCCESS", "411111******1111",
                             "999999", NOW)

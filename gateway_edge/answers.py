@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import UTC
 
 import grpc
 
@@ -244,4 +244,4 @@ def _amount(text: str, currency: str) -> str:
 
 def _time(stamp) -> str:
     """ISO 8601 with an explicit offset, to the second: 2026-11-20T08:15:00+00:00."""
-    return stamp.ToDatetime(tzinfo=timezone.utc).isoformat(timespec="seconds")
+    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")

@@ -189,7 +189,7 @@ class EdgeApp:
             self._observe(scope, responder, time.perf_counter() - started)
             telemetry.REQUEST_ID.reset(token)
 
-    def _observe(self, scope, responder: "_Responder", elapsed: float) -> None:
+    def _observe(self, scope, responder: _Responder, elapsed: float) -> None:
         """Metrics and the log line of one request (never its body or headers)."""
         path = scope["path"] if scope["path"] in self._routes or scope["path"] in self._metrics_routes else "other"
         self._durations[path].observe(elapsed)
@@ -211,7 +211,7 @@ class EdgeApp:
                 fields["response_code"] = code.value
             log.log(level, "%s %s %s", scope["method"], path, status, extra={"fields": fields})
 
-    async def _route(self, scope, receive, responder: "_Responder"):
+    async def _route(self, scope, receive, responder: _Responder):
         try:
             routes = self._routes
             if self.metrics_port is not None and (scope.get("server") or (None, None))[1] == self.metrics_port:
@@ -237,7 +237,7 @@ class EdgeApp:
 
     # -- POST /direct/refund, POST /direct/query --------------------------------
 
-    async def _refund(self, scope, receive, responder: "_Responder"):
+    async def _refund(self, scope, receive, responder: _Responder):
         key = _idempotency_key(scope)
         if isinstance(key, Answer):
             await responder.answer(key)
@@ -245,11 +245,11 @@ class EdgeApp:
         await self._forward(scope, receive, responder, "MerchantRefund", refund_pb2.MerchantRefundRequest,
                             answers.from_reply, idempotency_key=key)
 
-    async def _query(self, scope, receive, responder: "_Responder"):
+    async def _query(self, scope, receive, responder: _Responder):
         await self._forward(scope, receive, responder, "MerchantGetOrder", refund_pb2.MerchantGetOrderRequest,
                             answers.from_order_reply)
 
-    async def _forward(self, scope, receive, responder: "_Responder", method: str, request_type, to_answer,
+    async def _forward(self, scope, receive, responder: _Responder, method: str, request_type, to_answer,
                        **fields):
         """Read the signed envelope, call `method` of RefundService with it as a
         `request_type` message (and the request id), and answer what the service
@@ -285,14 +285,14 @@ class EdgeApp:
         await self._answer(responder, answer)
 
     @staticmethod
-    async def _answer(responder: "_Responder", answer: Answer):
+    async def _answer(responder: _Responder, answer: Answer):
         try:
             await responder.answer(answer)
         except answers.UnrenderableAnswer as exc:
             log.error("cannot render the back end's answer (%s): %s", answer.code.name, exc)
             await responder.answer(answers.system_error())
 
-    async def _signed_envelope(self, scope, receive, responder: "_Responder") -> tuple[bytes, str] | None:
+    async def _signed_envelope(self, scope, receive, responder: _Responder) -> tuple[bytes, str] | None:
         """(request bytes, signature) of the signed envelope; None once the
         request has been answered with what is wrong with it."""
         if not _is_json(_header(scope, b"content-type")):
@@ -342,7 +342,7 @@ class EdgeApp:
 
     # -- GET /healthz, GET /openapi.json --------------------------------------
 
-    async def _healthz(self, scope, receive, responder: "_Responder"):
+    async def _healthz(self, scope, receive, responder: _Responder):
         self._open_channel()
         try:
             reply = await self._health.Check(health_pb2.HealthCheckRequest(service=BACKEND_SERVICE),
@@ -355,10 +355,10 @@ class EdgeApp:
         body = b'{"status":"%s"}' % state.encode("ascii")
         await responder.send(200 if serving else 503, body)
 
-    async def _openapi(self, scope, receive, responder: "_Responder"):
+    async def _openapi(self, scope, receive, responder: _Responder):
         await responder.send(200, self.openapi)
 
-    async def _metrics(self, scope, receive, responder: "_Responder"):
+    async def _metrics(self, scope, receive, responder: _Responder):
         content_type = edge_metrics.CONTENT_TYPE.encode("ascii")
         await responder.send(200, edge_metrics.exposition(), content_type=content_type)
 

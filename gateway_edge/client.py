@@ -33,7 +33,7 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from cryptography.exceptions import InvalidSignature
@@ -96,7 +96,7 @@ def post(url: str, body: bytes, timeout: float, idempotency_key: str | None = No
 
 
 def _post(url: str, body: bytes, timeout: float, idempotency_key: str | None = None,
-          context: ssl.SSLContext | None = None) -> "Answer":
+          context: ssl.SSLContext | None = None) -> Answer:
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
@@ -215,7 +215,7 @@ class RefundClient:
     def _send(self, path, amount, order_id, merchant_reference, timestamp, idempotency_key) -> Answer:
         if order_id is None and merchant_reference is None:
             raise ValueError("give order_id or merchant_reference (or both)")
-        moment = datetime.now(timezone.utc).isoformat(timespec="seconds") if timestamp else None
+        moment = datetime.now(UTC).isoformat(timespec="seconds") if timestamp else None
         request = request_text(self.merchant_id, amount, None if order_id is None else str(order_id),
                                merchant_reference, moment)
         answer = _post(endpoint(self.url, path), self.signed_envelope(request), self.timeout, idempotency_key,
@@ -262,7 +262,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
     try:
-        timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds") if args.timestamp else None
+        timestamp = datetime.now(UTC).isoformat(timespec="seconds") if args.timestamp else None
         request = request_text(args.merchant_id, args.amount, args.order_id, args.merchant_reference, timestamp)
         key = load_private_key(args.key)
         context = ssl.create_default_context(cafile=args.cacert) if args.cacert else None

@@ -98,10 +98,10 @@ class ConnectionGuard:
         self.limits = limits
         self.refusals = refusals
         self.open = 0
-        self._idle: OrderedDict["GuardedProtocol", None] = OrderedDict()
+        self._idle: OrderedDict[GuardedProtocol, None] = OrderedDict()
         self._warned: dict[str, float] = {}
 
-    def opened(self, protocol: "GuardedProtocol") -> bool:
+    def opened(self, protocol: GuardedProtocol) -> bool:
         """Count a new connection; False when it must be refused (all others busy)."""
         self.open += 1
         self._idle[protocol] = None
@@ -115,22 +115,22 @@ class ConnectionGuard:
         edge_metrics.OPEN_CONNECTIONS.set(self.open)
         return True
 
-    def closed(self, protocol: "GuardedProtocol") -> None:
+    def closed(self, protocol: GuardedProtocol) -> None:
         self._idle.pop(protocol, None)
         if not protocol.uncounted:
             protocol.uncounted = True
             self.open -= 1
             edge_metrics.OPEN_CONNECTIONS.set(self.open)
 
-    def busy(self, protocol: "GuardedProtocol") -> None:
+    def busy(self, protocol: GuardedProtocol) -> None:
         self._idle.pop(protocol, None)
 
-    def idle(self, protocol: "GuardedProtocol") -> None:
+    def idle(self, protocol: GuardedProtocol) -> None:
         if not protocol.uncounted:
             self._idle[protocol] = None
             self._idle.move_to_end(protocol)
 
-    def refused(self, protocol: "GuardedProtocol", reason: str) -> None:
+    def refused(self, protocol: GuardedProtocol, reason: str) -> None:
         edge_metrics.CONNECTIONS_REFUSED.labels(reason).inc()
         self.closed(protocol)
         now = time.monotonic()

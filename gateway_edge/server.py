@@ -14,7 +14,9 @@ per-merchant rate limit and the vendor's HTTP-200 mode: docs/edge.md.
 
 from __future__ import annotations
 
+# isort: off
 from service import native_logs  # noqa: F401  (first: quiets gRPC core before grpc is imported)
+# isort: on
 
 import argparse
 import contextlib

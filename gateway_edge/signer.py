@@ -29,7 +29,7 @@ class ResponseSigner:
         self.signature = functools.lru_cache(maxsize=1024)(self._sign)
 
     @classmethod
-    def from_file(cls, path: str) -> "ResponseSigner":
+    def from_file(cls, path: str) -> ResponseSigner:
         with open(path, "rb") as pem:
             key = serialization.load_pem_private_key(pem.read(), password=None)
         return cls(key)

@@ -27,9 +27,9 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import signal
 import tempfile
 import time
 import uuid
@@ -203,7 +203,8 @@ def _text_mutants(text: str, whole_is_clause: bool):
             continue
         alternatives = [v for v in family if v != value]
         if family is STATUSES:  # the nearest statuses: the ones a mistake would pick
-            alternatives = [v for v in ("SETTLED", "SUCCESS", "REFUNDED", "PARTIALLY_REFUNDED", "OPEN") if v != value][:2]
+            alternatives = [v for v in ("SETTLED", "SUCCESS", "REFUNDED", "PARTIALLY_REFUNDED", "OPEN")
+                            if v != value][:2]
         for other in alternatives:
             yield match.start("value") - 1, len(value) + 2, f"'{other}'"
 

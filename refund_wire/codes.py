@@ -29,7 +29,7 @@ class ResponseCode(enum.Enum):
     SYSTEM_ERROR = "9999"
 
     @classmethod
-    def by_name(cls, name: str) -> "ResponseCode":
+    def by_name(cls, name: str) -> ResponseCode:
         return cls[name]
 
 

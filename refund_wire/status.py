@@ -49,11 +49,11 @@ class RpcError(Exception):
         self.response_code, self.decline = response_code, decline
 
     @classmethod
-    def of(cls, response: ResponseCode, message: str, decline: refund_pb2.RefundDecline | None = None) -> "RpcError":
+    def of(cls, response: ResponseCode, message: str, decline: refund_pb2.RefundDecline | None = None) -> RpcError:
         return cls(GRPC_CODES[response], response.name, message, response.value, decline)
 
     @classmethod
-    def order_exists(cls, message: str) -> "RpcError":
+    def order_exists(cls, message: str) -> RpcError:
         return cls(grpc.StatusCode.ALREADY_EXISTS, ORDER_EXISTS, message)
 
     def to_proto(self) -> status_pb2.Status:
@@ -69,7 +69,7 @@ class RpcError(Exception):
         return rpc_status.to_status(self.to_proto())
 
     @classmethod
-    def from_proto(cls, status: status_pb2.Status) -> "RpcError":
+    def from_proto(cls, status: status_pb2.Status) -> RpcError:
         """The error that to_proto() wrote; its reason is empty when no ErrorInfo
         of our domain is among the details (an error that is not ours)."""
         info, decline = unpack(status)
@@ -78,7 +78,7 @@ class RpcError(Exception):
                    info.metadata.get("responseCode", ""), decline)
 
     @classmethod
-    def from_call(cls, error: grpc.RpcError) -> "RpcError | None":
+    def from_call(cls, error: grpc.RpcError) -> RpcError | None:
         """The rich error of a failed call; None when it carries no status
         details, or a status that contradicts the call or does not decode."""
         try:

@@ -21,7 +21,7 @@ import asyncio
 import sqlite3
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
@@ -39,7 +39,7 @@ SCAN = 10_000
 COLUMNS = ("seq, entry_id, merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, "
            "settlement_id, adjustment_id, request_id, created_at")
 
-_FEEDS: "weakref.WeakSet[EventFeed]" = weakref.WeakSet()
+_FEEDS: weakref.WeakSet[EventFeed] = weakref.WeakSet()
 
 
 def event_id(entry_id: int) -> str:
@@ -50,7 +50,7 @@ def _timestamp(moment) -> timestamp_pb2.Timestamp:
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(moment)
     return stamp
@@ -194,7 +194,7 @@ class EventFeed:
                 if len(rows) < BATCH and cursor >= head:
                     try:
                         await asyncio.wait_for(self._closing.wait(), POLL)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
         finally:
             self.streams -= 1

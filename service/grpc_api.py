@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -31,13 +31,13 @@ log = logging.getLogger(__name__)
 DEADLINE_MARGIN = 0.05
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     """Timestamp.FromDatetime's result (a naive datetime is UTC), in a quarter of its time."""
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     delta = moment - _EPOCH
     return timestamp_pb2.Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
@@ -186,7 +186,8 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
     async def _call(self, context: grpc.aio.ServicerContext, operation):
         """Run one use case within the caller's deadline; answer rich errors."""
         remaining = context.time_remaining()
-        timeout = self._db_timeout if remaining is None else max(0.0, min(self._db_timeout, remaining - DEADLINE_MARGIN))
+        timeout = self._db_timeout if remaining is None \
+            else max(0.0, min(self._db_timeout, remaining - DEADLINE_MARGIN))
         try:
             async with asyncio.timeout(timeout):  # in this task: wait_for would start a task per call
                 reply = await operation()
@@ -198,7 +199,7 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
             error = RpcError.of(exc.code, exc.message)
         except SaleConflict as exc:
             error = RpcError.order_exists(str(exc))
-        except (StoreUnavailable, asyncio.TimeoutError) as exc:
+        except (TimeoutError, StoreUnavailable) as exc:
             metrics.database_error("timeout" if isinstance(exc, asyncio.TimeoutError) else "unavailable")
             log.warning("database unavailable: %s", type(exc).__name__ if not str(exc) else exc)
             error = RpcError.of(ResponseCode.SERVICE_UNAVAILABLE, "the service is unavailable, retry later")
@@ -212,7 +213,8 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
     async def Refund(self, request, context):
         async def operation():
             command = domain.RefundCommand(
-                domain.parse_merchant_id(request.merchant_id), *_order_key(request.order_id, request.merchant_reference),
+                domain.parse_merchant_id(request.merchant_id),
+                *_order_key(request.order_id, request.merchant_reference),
                 request.amount)
             return refund_answer(await refunds.refund(self._store, command))
 
@@ -269,7 +271,7 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
             return
         except domain.DomainError as exc:
             error = RpcError.of(exc.code, exc.message)
-        except (StoreUnavailable, asyncio.TimeoutError) as exc:
+        except (TimeoutError, StoreUnavailable) as exc:
             metrics.database_error("timeout" if isinstance(exc, asyncio.TimeoutError) else "unavailable")
             error = RpcError.of(ResponseCode.SERVICE_UNAVAILABLE, "the service is unavailable; resume from the "
                                                                   "last sequence received")

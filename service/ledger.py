@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
@@ -59,7 +59,7 @@ def adjust_balance(engine: sa.Engine, merchant_id: int, currency: str, amount: i
 def _adjust(engine: sa.Engine, merchant_id: int, currency: str, amount: int, reason: str,
             adjustment_id: str) -> tuple[Adjustment, bool]:
     adjustments, balances = schema.balance_adjustments, schema.balances
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         stored = conn.execute(sa.select(adjustments).where(adjustments.c.adjustment_id == adjustment_id)).first()
         if stored is not None:
@@ -92,7 +92,7 @@ def _adjust(engine: sa.Engine, merchant_id: int, currency: str, amount: int, rea
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def settlements(engine: sa.Engine, merchant_id: int | None = None, limit: int = 100) -> list:
@@ -147,7 +147,8 @@ _CHECKS = {
                 OR t.merchant_id <> e.merchant_id OR t.currency <> e.currency OR t.order_id <> e.order_id
             WHEN 'REFUND' THEN t.id IS NULL OR t.type <> 'REFUND' OR e.amount <> -t.amount
                 OR t.merchant_id <> e.merchant_id OR t.currency <> e.currency OR t.order_id <> e.order_id
-            WHEN 'SETTLEMENT' THEN s.settlement_id IS NULL OR e.amount <> -s.amount OR e.balance_after <> s.balance_after
+            WHEN 'SETTLEMENT' THEN s.settlement_id IS NULL OR e.amount <> -s.amount
+                                 OR e.balance_after <> s.balance_after
                 OR s.merchant_id <> e.merchant_id OR s.currency <> e.currency
             WHEN 'ADJUSTMENT' THEN j.adjustment_id IS NULL OR e.amount <> j.amount
                 OR e.balance_after <> j.balance_after OR j.merchant_id <> e.merchant_id OR j.currency <> e.currency

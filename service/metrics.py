@@ -24,9 +24,9 @@ import grpc
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
-prometheus_client.disable_created_metrics()  # no *_created series: less to scrape
-
 from service import telemetry, tracing
+
+prometheus_client.disable_created_metrics()  # no *_created series: less to scrape
 
 log = logging.getLogger("refund-service")
 
@@ -35,7 +35,8 @@ REFUND_METHODS = frozenset({"Refund", "MerchantRefund"})
 QUIET_METHODS = frozenset({"Check", "Watch"})  # health checks: logged at DEBUG only
 
 RPCS = Counter("refund_service_rpcs", "gRPC calls answered, by method and gRPC status code", ["method", "code"])
-REFUNDS = Counter("refund_service_refunds", "Refund and MerchantRefund answers, by response code (docs/api.md section 4)",
+REFUNDS = Counter("refund_service_refunds",
+                  "Refund and MerchantRefund answers, by response code (docs/api.md section 4)",
                   ["method", "response_code"])
 DURATION = Histogram("refund_service_rpc_duration_seconds", "Seconds from receiving a gRPC call to answering it",
                      ["method"], buckets=LATENCY_BUCKETS)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import Counter, Gauge
@@ -122,7 +122,7 @@ async def follow_database(health_servicer: ServiceHealth, probe: Callable[[], Aw
             if not exc.transient:
                 raise
             ok, reason = False, str(exc)
-        except (StoreUnavailable, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, StoreUnavailable, OSError) as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except Exception as exc:  # a probe must never end readiness tracking
             ok, reason = False, telemetry.describe_exception(exc)

@@ -36,10 +36,8 @@ import logging
 import os
 import signal
 import sys
-import time
-from datetime import datetime, timezone
+from datetime import UTC
 
-import asyncpg
 import nats
 import nats.errors
 import nats.js.errors
@@ -98,7 +96,7 @@ def subjects(prefix: str, event) -> tuple[str, str]:
 
 def cloudevent(event, source: str) -> bytes:
     """The event as a CloudEvents 1.0 JSON document (structured content mode)."""
-    moment = event.time.ToDatetime(tzinfo=timezone.utc)
+    moment = event.time.ToDatetime(tzinfo=UTC)
     document = {
         "specversion": "1.0",
         "id": event.event_id,
@@ -145,7 +143,7 @@ class Relay:
     async def _pause(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _lead(self) -> None:

@@ -17,7 +17,9 @@ serves Prometheus metrics at http://HOST:PORT/metrics.
 
 from __future__ import annotations
 
+# isort: off
 from service import native_logs  # noqa: F401  (first: quiets gRPC core before grpc is imported)
+# isort: on
 
 import asyncio
 import logging

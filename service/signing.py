@@ -249,7 +249,7 @@ async def authenticate(store, request: bytes, signature: str, *, fields: dict | 
     if known is not None:
         known.remember(merchant_id, credentials)
     if credentials is not None and verified is not None \
-            and verified in zip(credentials.key_ids, credentials.public_keys_pem):
+            and verified in zip(credentials.key_ids, credentials.public_keys_pem, strict=False):
         return Authenticated(request, fields, merchant_id, credentials, verified[0])
     keys = credentials.public_keys_pem if credentials is not None else ()  # unknown: the same work, on dummies
     index = _verifying_key(request, signature, keys)

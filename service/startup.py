@@ -32,7 +32,8 @@ import sqlite3
 import sys
 import time
 import urllib.parse
-from typing import Callable, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 from service import config
 
@@ -226,7 +227,7 @@ async def _postgres_versions(url: str, timeout: float) -> list[str] | None:
     except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
         raise StartupError(f"PostgreSQL at {where} refused user {parsed.username!r}: {type(exc).__name__}",
                            EXIT_DATABASE) from None
-    except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+    except (TimeoutError, OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
             asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         raise StartupError(f"the database at {where} is unreachable: {_reason(exc)}", EXIT_DATABASE,
                            transient=True) from None
@@ -237,7 +238,7 @@ async def _postgres_versions(url: str, timeout: float) -> list[str] | None:
         return [row[0] for row in await connection.fetch("SELECT version_num FROM alembic_version")]
     except asyncpg.UndefinedTableError:
         return None
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         raise StartupError(f"the database at {where} is unreachable: {_reason(exc)}", EXIT_DATABASE,
                            transient=True) from None
     finally:

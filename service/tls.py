@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -104,7 +104,7 @@ def read_pair(cert_path: str, key_path: str, *, allow_expired: bool = False, fla
     if _public_der(key.public_key()) != _public_der(leaf.public_key()):
         raise StartupError(f"the private key {key_flag} {key_path} does not match the certificate "
                            f"{cert_flag} {cert_path}", EXIT_TLS)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     pair = Pair(cert_pem, key_pem, leaf.subject.rfc4514_string() or "(no subject)", leaf.not_valid_after_utc,
                 hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest())
     if leaf.not_valid_before_utc > now:

@@ -196,7 +196,8 @@ def untraced():
 
 
 def annotate(request_id: str | None, response_code: str | None) -> None:
-    """The request id and response code on the current span (the HTTP request's at the edge, the call's in the service)."""
+    """The request id and response code on the current span (the HTTP request's at the
+    edge, the call's in the service)."""
     from opentelemetry import trace
 
     span = trace.get_current_span()

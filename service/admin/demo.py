@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -66,7 +66,7 @@ def demo_key(directory: Path) -> tuple[rsa.RSAPrivateKey, bool]:
 
 def demo_document(public_pem: str, key_id: str) -> dict:
     """The demo data, shaped like a load file."""
-    start = datetime(2026, 11, 20, 2, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
     orders = [{"id": DEMO_FIRST_ORDER_ID + i, "merchantId": DEMO_MERCHANT_ID, "merchantReference": f"demo-{i + 1:04d}",
                "currency": currency, "amount": amount, "status": "SUCCESS", "paymentMethod": method,
                "maskedPan": masked_pan, "stan": f"{900001 + i:06d}",

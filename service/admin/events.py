@@ -3,7 +3,7 @@ each relay has published it."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
@@ -47,7 +47,7 @@ def cmd_events(args, url: str) -> None:
                                                       if unnumbered else ""))
     if not relays:
         print("relays: none has run")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for name, last, updated, oldest in relays:
         lag = f", oldest unpublished {(now - _moment(oldest)).total_seconds():.1f}s old" if oldest else ""
         print(f"relay {name}: published through {last} ({head - last} unpublished{lag}), "

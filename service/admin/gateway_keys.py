@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -27,7 +27,7 @@ def cmd_gateway_key_create(args, url: str) -> None:
     public = values.canonical_pem(key.public_key())
     out = Path(args.out)
     with connect(url) as engine, engine.begin() as conn:
-        conn.execute(schema.gateway_keys.insert().values(public_key_pem=public, created_at=datetime.now(timezone.utc)))
+        conn.execute(schema.gateway_keys.insert().values(public_key_pem=public, created_at=datetime.now(UTC)))
         try:
             descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from service import config, db, schema
 from service.admin.database import connect
@@ -34,7 +34,7 @@ def cmd_purge_idempotency(args, url: str) -> None:
     if age < MIN_IDEMPOTENCY_RETENTION:
         raise AdminError("--older-than must be at least 24h: merchants are promised their keys for 24 hours",
                          EXIT_BAD_INPUT)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with connect(url) as engine, engine.begin() as conn:
         keys = conn.execute(schema.idempotency_keys.delete().where(
             schema.idempotency_keys.c.created_at < now - age)).rowcount

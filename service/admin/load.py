@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -124,7 +124,7 @@ def _upsert(conn, table: sa.Table, entries: list[Entry], existing: dict, counts:
             new_rows.append(entry.row)
             counts["added"] += 1
         elif any(old[c] != v for c, v in entry.row.items()):
-            where = [table.c[c] == v for c, v in zip(primary_key, key)]
+            where = [table.c[c] == v for c, v in zip(primary_key, key, strict=False)]
             conn.execute(table.update().where(*where).values(entry.row))
             counts["updated"] += 1
         else:
@@ -216,7 +216,7 @@ def _write_orders(conn, plan: Plan, existing: Existing, report: LoadReport) -> N
 
 
 def _write(conn, plan: Plan, existing: Existing) -> LoadReport:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     report = LoadReport({name: Counter() for name in ("payment methods", "merchants", "keys", "balances", "orders")},
                         [])
     _upsert(conn, schema.payment_methods, plan.payment_methods, existing.payment_methods,

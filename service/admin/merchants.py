@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -129,7 +129,7 @@ def cmd_key_add(args, url: str) -> None:
         if exists:
             raise AdminError(f"merchant {merchant_id} already has a key {key_id}; give the new key a new KEY_ID")
         conn.execute(keys.insert().values(merchant_id=merchant_id, key_id=key_id, public_key_pem=pem, active=True,
-                                          created_at=datetime.now(timezone.utc)))
+                                          created_at=datetime.now(UTC)))
     print(f"key {key_id} of merchant {merchant_id} added, active (sha256 {values.fingerprint(pem)[:16]})")
 
 

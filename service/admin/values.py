@@ -8,7 +8,7 @@ import base64
 import binascii
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -124,7 +124,7 @@ def utc_time(value, name: str) -> datetime:
         raise Invalid(f"{name} {show(value)} is not an ISO 8601 time") from None
     if moment.tzinfo is None:
         raise Invalid(f"{name} {show(value)} has no UTC offset (write e.g. 2026-11-20T08:15:00+08:00)")
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 def masked_pan(value) -> str:

@@ -129,7 +129,7 @@ class PostgresStore:
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0,
-                   connect: bool = True) -> "PostgresStore":
+                   connect: bool = True) -> PostgresStore:
         parsed = make_url(url)
         kwargs = dict(
             host=parsed.host or "127.0.0.1",
@@ -238,7 +238,8 @@ class PostgresStore:
     async def get_order(self, merchant_id, order_id, merchant_reference):
         async with self._connection() as conn:
             if order_id is not None:
-                row = await conn.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = $1 AND o.id = $2",
+                row = await conn.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders o "
+                                          f"WHERE o.merchant_id = $1 AND o.id = $2",
                                           merchant_id, order_id)
             else:
                 row = await conn.fetchrow(
@@ -247,7 +248,8 @@ class PostgresStore:
             if row is None:
                 return None
             order = _order(row)
-            rows = await conn.fetch(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = $1 ORDER BY t.id",
+            rows = await conn.fetch(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
+                                    "WHERE t.order_id = $1 ORDER BY t.id",
                                     order.id)
             return order, [_transaction(r) for r in rows]
 
@@ -271,24 +273,27 @@ class PostgresStore:
                 sale.payment_method, sale.create_time)
             if inserted is None:
                 existing = await conn.fetchrow(
-                    f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.id = $1 OR (o.merchant_id = $2 AND o.merchant_reference = $3)",
+                    f"SELECT {ORDER_COLUMNS} FROM orders o "
+                    "WHERE o.id = $1 OR (o.merchant_id = $2 AND o.merchant_reference = $3)",
                     sale.order_id, sale.merchant_id, sale.merchant_reference)
                 if existing is None or not same_sale(_order(existing), sale):
                     raise SaleConflict("order id or merchant reference already used by another order")
                 order = _order(existing)
                 txn = await conn.fetchrow(
-                    f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = $1 AND t.type = 'SALE'", order.id)
+                    f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = $1 AND t.type = 'SALE'",
+                    order.id)
                 balance = await conn.fetchval(BALANCE, order.merchant_id, order.currency)
                 return order, _transaction(txn), balance or 0
             txn = await conn.fetchrow(
-                f"""INSERT INTO transactions AS t (order_id, merchant_id, type, currency, amount, status, masked_pan, stan, create_time)
+                f"""INSERT INTO transactions AS t (order_id, merchant_id, type, currency, amount, status,
+                                                 masked_pan, stan, create_time)
                     VALUES ($1, $2, 'SALE', $3, $4, 'SUCCESS', $5, $6, $7) RETURNING {TRANSACTION_COLUMNS}""",
                 sale.order_id, sale.merchant_id, sale.currency, sale.amount, sale.masked_pan, sale.stan, now)
             balance = await conn.fetchval(CREDIT_SALE, sale.merchant_id, sale.currency, sale.amount)
             if balance > domain.MAX_MINOR_UNITS:  # leaving the block rolls the sale back
                 raise domain.InvalidAmount(BALANCE_TOO_LARGE)
-            await conn.execute(JOURNAL, sale.merchant_id, sale.currency, domain.SALE, sale.amount, balance, sale.order_id,
-                               txn["id"], None, now, telemetry.REQUEST_ID.get())
+            await conn.execute(JOURNAL, sale.merchant_id, sale.currency, domain.SALE, sale.amount, balance,
+                               sale.order_id, txn["id"], None, now, telemetry.REQUEST_ID.get())
             return _order(inserted), _transaction(txn), balance
 
     async def settle(self, settlement: Settlement) -> tuple[Settlement, bool]:

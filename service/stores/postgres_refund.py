@@ -77,10 +77,12 @@ WITH marked AS (
     FROM new_id
     RETURNING id, masked_pan, stan, amount
 ), audit AS (
-    INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+    INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code,
+        transaction_id, created_at)
     SELECT $1, $2, $7, $8, '0000', refund.id, $6 FROM refund
 ), entry AS (
-    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at,
+    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id,
+        created_at,
                                 request_id)
     SELECT $1, $3, 'REFUND', -refund.amount, debit.unsettled, $2, refund.id, $6, $12::text FROM refund, debit
 )
@@ -124,10 +126,12 @@ WITH credentials AS (
     FROM marked m, new_id
     RETURNING id, order_id, masked_pan, stan, currency, amount
 ), audit AS (
-    INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+    INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code,
+        transaction_id, created_at)
     SELECT $1, refund.order_id, $3, $6, '0000', refund.id, $5 FROM refund
 ), entry AS (
-    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id, created_at,
+    INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id,
+        created_at,
                                 request_id)
     SELECT $1, refund.currency, 'REFUND', -refund.amount, debit.unsettled, refund.order_id, refund.id, $5, $9::text
     FROM refund, debit
@@ -140,7 +144,8 @@ _BY_ID = "o.id = $2 AND (COALESCE($3, '') = '' OR o.merchant_reference = $3)"
 _BY_REFERENCE = "$2::bigint IS NULL AND o.merchant_reference = $3"
 
 AUDIT = """
-INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id,
+    created_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7)"""
 
 # The transactions' id sequence, looked up per statement; a store resolves it
@@ -165,4 +170,5 @@ def in_one_statement(sequence: str) -> tuple[str, str]:
     return tuple(_IN_ONE_STATEMENT.format(order=order, sequence=sequence, snapshot=snapshot,
                                           insert_refund=insert_refund,
                                           credentials_hold=credentials_hold(key="$7", timestamped="$8"))
-                 for order, snapshot in ((_BY_ID, SNAPSHOT_BY_ID), (_BY_REFERENCE, _SNAPSHOT + "o.merchant_reference = $3")))
+                 for order, snapshot in ((_BY_ID, SNAPSHOT_BY_ID),
+                                         (_BY_REFERENCE, _SNAPSHOT + "o.merchant_reference = $3")))

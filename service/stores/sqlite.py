@@ -19,12 +19,13 @@ import sqlite3
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy.engine import make_url
 
 from service import domain, telemetry, tracing
 from service.clock import utc_now
+from service.stores import sql
 from service.stores.port import (
     BALANCE_TOO_LARGE,
     Attempt,
@@ -43,9 +44,7 @@ from service.stores.port import (
     same_settlement,
     stan_for,
 )
-from service.stores import sql
 from service.stores.sql import ORDER_COLUMNS, SETTLEMENT_COLUMNS, TRANSACTION_COLUMNS
-
 
 SNAPSHOT = f"""
 SELECT {ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0)
@@ -75,17 +74,18 @@ INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, 
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 AUDIT = """
-INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id, created_at)
+INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id,
+    created_at)
 VALUES (?, ?, ?, ?, ?, ?, ?)"""
 
 
 def to_text(moment: datetime) -> str:
     """SQLAlchemy's SQLite datetime format, in UTC."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def from_text(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 def _order(row) -> domain.Order:
@@ -131,7 +131,7 @@ class SqliteStore:
         self._connection: sqlite3.Connection | None = None
 
     @classmethod
-    def open(cls, url: str, *, command_timeout: float = 5.0, **_ignored) -> "SqliteStore":
+    def open(cls, url: str, *, command_timeout: float = 5.0, **_ignored) -> SqliteStore:
         database = make_url(url).database
         if not database or database == ":memory:":
             raise ValueError("the SQLite URL must name a file, e.g. sqlite:///refund.db")
@@ -222,7 +222,8 @@ class SqliteStore:
             row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.id = ?",
                              (merchant_id, order_id)).fetchone()
         else:
-            row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.merchant_id = ? AND o.merchant_reference = ?",
+            row = db.execute(f"SELECT {ORDER_COLUMNS} FROM orders o "
+                             "WHERE o.merchant_id = ? AND o.merchant_reference = ?",
                              (merchant_id, merchant_reference)).fetchone()
         if row is None:
             return None
@@ -303,13 +304,15 @@ class SqliteStore:
             if known != (1, 1):
                 raise domain.InvalidRequest("unknown merchant or payment method")
             existing = db.execute(
-                f"SELECT {ORDER_COLUMNS} FROM orders o WHERE o.id = ? OR (o.merchant_id = ? AND o.merchant_reference = ?)",
+                f"SELECT {ORDER_COLUMNS} FROM orders o "
+                "WHERE o.id = ? OR (o.merchant_id = ? AND o.merchant_reference = ?)",
                 (sale.order_id, sale.merchant_id, sale.merchant_reference)).fetchone()
             if existing is not None:
                 order = _order(existing)
                 if not same_sale(order, sale):
                     raise SaleConflict("order id or merchant reference already used by another order")
-                txn = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t WHERE t.order_id = ? AND t.type = 'SALE'",
+                txn = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
+                                 "WHERE t.order_id = ? AND t.type = 'SALE'",
                                  (order.id,)).fetchone()
                 balance = db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
                                      (order.merchant_id, order.currency)).fetchone()
@@ -323,8 +326,8 @@ class SqliteStore:
             txn_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM transactions").fetchone()[0]
             txn = domain.Transaction(txn_id, sale.merchant_id, sale.order_id, "SALE", sale.currency, sale.amount,
                                      "SUCCESS", sale.masked_pan, sale.stan, now)
-            db.execute("INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan,"
-                       " stan, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(txn))
+            db.execute("INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, "
+                       "masked_pan, stan, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(txn))
             before = db.execute("SELECT unsettled FROM balances WHERE merchant_id = ? AND currency = ?",
                                 (sale.merchant_id, sale.currency)).fetchone()
             balance = (before[0] if before else 0) + sale.amount

@@ -8,10 +8,10 @@ balance (its value before the refunds already made) and one REFUND entry per
 refund already made, so that from the start every balance is the sum of its
 entries and each entry's balance_after follows from the one before.
 """
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 from service.domain import MAX_MINOR_UNITS
 from service.schema import POSTGRES_APPEND_ONLY, SQLITE_APPEND_ONLY, sqlite_integer_guards
@@ -90,7 +90,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('adjustment_id')
     )
 
-    now = sa.bindparam("now", datetime.now(timezone.utc), type_=sa.DateTime(timezone=True))
+    now = sa.bindparam("now", datetime.now(UTC), type_=sa.DateTime(timezone=True))
     op.execute(sa.text(_OPENING).bindparams(now))
     op.execute(_REFUNDS_MADE)
 

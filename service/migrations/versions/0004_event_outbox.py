@@ -15,8 +15,8 @@ commits late:
   commit.
 The view `events` gives both the same shape: the sequence and the entry.
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = '0004'
 down_revision = '0003'
