@@ -6,8 +6,10 @@ Each statement runs on its own, so each is atomic (no BEGIN/COMMIT):
   payment method's capability, the balance and any earlier refund, and
   applies the refund when every one of domain.decide's conditions for
   approval holds. Its one row: whether a signed request's credentials still
-  hold, the order's snapshot as it read it (NULLs: no such order), and the
-  refunded order and refund when it applied (NULLs when not).
+  hold, the order's snapshot as it read it when it did not apply (NULLs: no
+  such order, or applied: the caller then needs no snapshot, and PostgreSQL
+  skips reading it), and the refunded order and refund when it applied (NULLs
+  when not).
 - APPLY applies an approval that `decide` made on a snapshot. It re-checks in
   the database what the decision assumed: the order is marked only in the
   status that was read (so two attempts on one order cannot both pass), the
@@ -138,7 +140,7 @@ WITH credentials AS (
 )
 SELECT credentials.hold, snapshot.*, applied.*
 FROM credentials
-LEFT JOIN ({{snapshot}}) snapshot ON true
+LEFT JOIN ({{snapshot}} AND NOT EXISTS (SELECT 1 FROM marked)) snapshot ON true
 LEFT JOIN (SELECT marked.*, refund.id, refund.masked_pan, refund.stan FROM marked, refund) applied ON true"""
 _BY_ID = "o.id = $2 AND (COALESCE($3, '') = '' OR o.merchant_reference = $3)"
 _BY_REFERENCE = "$2::bigint IS NULL AND o.merchant_reference = $3"
