@@ -17,7 +17,7 @@ BUF   := $(TOOLS)/node_modules/.bin/buf
 # it (CI runs without git history, so not against a git ref). See protos/releases/.
 PROTO_RELEASE := protos/releases/v0.1.0.binpb
 
-.PHONY: help install tools proto migrate demo run test test-fast mutation bench lint clean
+.PHONY: help install tools proto migrate demo run test test-fast test-unit mutation bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ test: proto ## run all tests (PostgreSQL tests skip without PostgreSQL unless RE
 
 test-fast: proto ## run the tests but the slow storms
 	$(BIN)/pytest -m 'not slow'
+
+test-unit: proto ## run tests/unit alone: the rules and pure functions, seconds, no database, no process
+	$(BIN)/pytest tests/unit
 
 mutation: proto ## mutation testing of the rules: domain.py (mutmut) and the stores' SQL conditions; 7-22 min, needs PostgreSQL; not in CI
 	$(PY) -m pip install --quiet -e '.[dev,mutation]'

@@ -19,8 +19,8 @@ import sqlalchemy as sa
 
 from refund.v1 import refund_pb2
 from service import db
-from tests import data
-from tests.grpc_harness import InProcessService
+from tests.support import data
+from tests.support.in_process import InProcessService
 
 MERCHANT = 9140001
 

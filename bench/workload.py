@@ -162,7 +162,7 @@ def split_file(path: Path, ways: int) -> list[Path]:
 
 def load_document(public: dict[int, str], slices: list[Slice]) -> dict:
     """The `refund-admin load` document of these slices' orders and every merchant."""
-    from tests import data  # the test suite's builders of fixtures.example.json-shaped documents
+    from tests.support import data  # the test suite's builders of fixtures.example.json-shaped documents
 
     merchants = [data.merchant(m, public[m], {"HKD": BALANCE}) for m in all_merchants()]
     orders = [data.order(order_id, merchant_of(order_id), AMOUNT, reference=f"bench-{order_id}")

@@ -51,15 +51,17 @@ STORES = {
         "file": "service/stores/postgres_refund.py",
         "statements": {"_SNAPSHOT", "_APPLY", "_IN_ONE_STATEMENT", "_BY_ID", "_BY_REFERENCE", "_INSERT_REFUND"},
         "functions": {"in_one_statement"},
-        "tests": [["tests/test_rule_boundaries_sql.py", "-k", "postgres"],
-                  ["tests/test_refund_at_once.py", "tests/test_database_guards.py", "-k", "not sqlite"]],
+        "tests": [["tests/integration/test_rule_boundaries_sql.py", "-k", "postgres"],
+                  ["tests/integration/test_refund_at_once.py", "tests/integration/test_database_guards.py",
+                   "-k", "not sqlite"]],
     },
     "sqlite": {
         "file": "service/stores/sqlite.py",
         "statements": {"SNAPSHOT", "CREDENTIALS_HOLD", "DEBIT", "MARK_REFUNDED"},
         "functions": {"_insert_refund", "_read_snapshot"},
-        "tests": [["tests/test_rule_boundaries_sql.py", "-k", "sqlite"],
-                  ["tests/test_refund_at_once.py", "tests/test_database_guards.py", "-k", "not postgres"]],
+        "tests": [["tests/integration/test_rule_boundaries_sql.py", "-k", "sqlite"],
+                  ["tests/integration/test_refund_at_once.py", "tests/integration/test_database_guards.py",
+                   "-k", "not postgres"]],
     },
 }
 
@@ -263,8 +265,8 @@ def copy_project(destination: Path) -> None:
 
 @contextlib.contextmanager
 def scratch_database():
-    """A migrated PostgreSQL database that tests/test_rule_boundaries_sql.py empties and
-    reuses for every mutant (creating one per run would cost more than the tests)."""
+    """A migrated PostgreSQL database that tests/integration/test_rule_boundaries_sql.py
+    empties and reuses for every mutant (creating one per run would cost more than the tests)."""
     from service import db
 
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")

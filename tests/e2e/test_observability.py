@@ -1,0 +1,203 @@
+"""Logs and metrics of the real processes: JSON log lines with the request id
+the edge makes (or takes from X-Request-Id), carried to the service in gRPC
+metadata and returned in the response; Prometheus metrics on the edge's
+/metrics and on the service's metrics port; no card number, signature or
+stack trace in any log line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sqlite3
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from refund.v1 import refund_pb2, refund_pb2_grpc
+from service import telemetry
+from tests.support.answers import check_answer, log_lines, wait_for_log
+from tests.support.data import request_text, seed
+from tests.support.http import Reply, http_request
+from tests.support.keys import envelope, example_key, sign
+from tests.support.processes import Gateway
+from tests.support.prometheus import metrics_text, sample
+
+PAN = "4111111111111111"
+
+
+def _metrics_url(service) -> str:
+    return re.search(r"refund-service metrics on (\S+)", service.output()).group(1)
+
+
+@pytest.fixture
+def gateway(sqlite_url, start_service, start_edge) -> Gateway:
+    seed(sqlite_url)
+    service = start_service(sqlite_url, "--metrics-listen", "127.0.0.1:0", "--db-timeout", "1")
+    return Gateway(sqlite_url, service, start_edge(service.address, "--metrics-listen", "127.0.0.1:0"))
+
+
+def edge_metrics(gateway) -> Reply:
+    address = re.search(r"refund-edge metrics on http://(\S+)/metrics", gateway.edge.output()).group(1)
+    host, port = address.rsplit(":", 1)
+    return http_request(host, int(port), "GET", "/metrics")
+
+
+# -- request ids -------------------------------------------------------------------------
+
+
+def test_the_request_id_is_taken_from_x_request_id_passed_to_the_service_and_returned(gateway):
+    reply = gateway.refund(request_text(101, "1.00"), headers={"X-Request-Id": "shop-7f3a:retry.1"})
+    check_answer(reply, "0000", 200)
+    assert reply.headers["x-request-id"] == "shop-7f3a:retry.1"
+
+    edge_lines = wait_for_log(gateway.edge, lambda e: e.get("request_id") == "shop-7f3a:retry.1")
+    service_lines = wait_for_log(gateway.service, lambda e: e.get("request_id") == "shop-7f3a:retry.1")
+    [edge_line] = [e for e in edge_lines if e.get("request_id") == "shop-7f3a:retry.1"]
+    assert (edge_line["path"], edge_line["status"], edge_line["response_code"]) == ("/direct/refund", 200, "0000")
+    [service_line] = [e for e in service_lines if e.get("request_id") == "shop-7f3a:retry.1"]
+    assert (service_line["rpc"], service_line["code"], service_line["response_code"]) == \
+           ("MerchantRefund", "OK", "0000")
+    assert service_line["duration_ms"] >= 0
+
+
+@pytest.mark.parametrize("sent", [None, "has spaces", "x" * 129, "semi;colon", PAN],
+                         ids=["none", "spaces", "too-long", "semicolon", "card-number"])
+def test_a_missing_or_insane_request_id_is_replaced_by_a_new_one(gateway, sent):
+    headers = {"X-Request-Id": sent} if sent is not None else {}
+    reply = gateway.refund(request_text(999, "1.00"), headers=headers)
+    check_answer(reply, "3001", 200)
+    made = reply.headers["x-request-id"]
+    assert made != sent and re.fullmatch(r"[0-9a-f]{24}", made)
+    lines = wait_for_log(gateway.service, lambda e: e.get("request_id") == made)
+    assert any(e.get("request_id") == made and e.get("rpc") == "MerchantRefund" for e in lines)
+
+
+def test_every_response_carries_a_request_id(gateway):
+    for reply in (gateway.edge.request("GET", "/healthz"), gateway.edge.request("GET", "/nowhere"),
+                  gateway.edge.post_refund(b"{}", content_type="text/plain"), edge_metrics(gateway)):
+        assert re.fullmatch(r"[0-9a-f]{24}", reply.headers["x-request-id"])
+
+
+# -- log lines ---------------------------------------------------------------------------
+
+
+def test_logs_are_one_json_object_per_line_without_card_numbers_signatures_or_tracebacks(gateway):
+    signatures = []
+
+    def signed(request: str) -> bytes:
+        signatures.append(sign(example_key(), request))
+        return envelope(request, signatures[-1])
+
+    bodies = [
+        signed(request_text(reference=PAN, amount="1.00")),                        # 3001
+        signed(request_text(101, "1.00", card=f"{PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}")),  # 0000
+        signed(request_text(101, "1.00", merchant=PAN)),                           # 2001: the PAN as merchant id
+        signed(request_text(102, f"1{PAN}")),                                      # 1002
+        f'{{"request": "{PAN}", "signature": '.encode(),                           # 1001: not JSON
+        envelope(request_text(103, "1.00"), sign(example_key(), "something else")),  # 2001: wrong signature
+    ]
+    for body in bodies:
+        gateway.edge.request("POST", "/direct/refund", body, {"Content-Type": "application/json",
+                                                              "Idempotency-Key": PAN, "X-Request-Id": PAN})
+    gateway.query(request_text(reference=PAN))
+    # An internal caller sends a full card number where a masked one belongs.
+    with grpc.insecure_channel(gateway.service.address) as channel:
+        with pytest.raises(grpc.RpcError):
+            refund_pb2_grpc.RefundServiceStub(channel).RecordSale(refund_pb2.RecordSaleRequest(
+                order_id=9001, merchant_id="3000001", merchant_reference="r-9001", currency="HKD", amount="1.00",
+                payment_method="VISA", masked_pan=PAN, stan="000001"), timeout=5)
+    # The database unavailable: the warning path.
+    blocker = sqlite3.connect(sa.make_url(gateway.database_url).database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        check_answer(gateway.refund(request_text(104, "1.00")), "9001", 503)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    wait_for_log(gateway.edge, lambda e: e.get("status") == 503)
+    for process in (gateway.edge, gateway.service):
+        output = process.output()
+        entries = log_lines(output)  # every line parses as one JSON object
+        assert len(entries) >= len(bodies)
+        for forbidden in (PAN, PAN[:4] + " " + PAN[4:8], "Traceback", *signatures):
+            assert forbidden not in output, forbidden
+        assert all(e["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") for e in entries)
+
+
+def test_the_json_formatter_scrubs_card_numbers_and_base64_and_never_writes_a_traceback():
+    stream = io.StringIO()
+    logger = logging.getLogger("test-telemetry")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(telemetry.JsonFormatter())
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        signature = sign(example_key(), "x")
+        logger.warning("card %s, spaced 5500-0000-0000-0004, signature %s, order 1234567890123",
+                       PAN, signature, extra={"fields": {"note": f"pan={PAN}"}})
+        try:
+            {}["secret-value-in-message"]
+        except KeyError:
+            logger.exception("it failed")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == ("card [card number removed], spaced [card number removed], signature "
+                                "[base64 removed], order 1234567890123")  # not a Luhn number: kept
+    assert first["note"] == "pan=[card number removed]"
+    assert second["message"] == "it failed"
+    assert re.fullmatch(r"KeyError at e2e/test_observability\.py:\d+", second["error"])
+    assert "secret-value" not in stream.getvalue() and "Traceback" not in stream.getvalue()
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def test_the_edge_and_the_service_expose_prometheus_metrics(gateway):
+    check_answer(gateway.refund(request_text(105, "1.00")), "0000", 200)
+    check_answer(gateway.refund(request_text(105, "1.00")), "3003", 200)
+    check_answer(gateway.refund(request_text(999, "1.00")), "3001", 200)
+    assert gateway.query(request_text(105)).json["responseCode"] == "0000"
+
+    edge = edge_metrics(gateway)
+    assert edge.status == 200 and edge.headers["content-type"].startswith("text/plain")
+    text = edge.body.decode()
+    for code, count in (("0000", 1), ("3003", 1), ("3001", 1)):
+        assert sample(text, "refund_edge_refunds_total", response_code=code) == count, code
+    assert sample(text, "refund_edge_queries_total", response_code="0000") == 1
+    assert sample(text, "refund_edge_requests_total", path="/direct/refund", status="200") == 3
+    assert sample(text, "refund_edge_request_duration_seconds_count", path="/direct/refund") == 3
+    assert sample(text, "refund_edge_requests_in_flight") == 1  # this request
+
+    service = metrics_text(_metrics_url(gateway.service))
+    for code in ("0000", "3003", "3001"):
+        assert sample(service, "refund_service_refunds_total", method="MerchantRefund", response_code=code) == 1
+    assert sample(service, "refund_service_rpcs_total", method="MerchantRefund", code="OK") == 1
+    assert sample(service, "refund_service_rpcs_total", method="MerchantRefund", code="ALREADY_EXISTS") == 1
+    assert sample(service, "refund_service_rpcs_total", method="MerchantGetOrder", code="OK") == 1
+    assert sample(service, "refund_service_rpc_duration_seconds_count", method="MerchantRefund") == 3
+    assert sample(service, "refund_service_rpcs_in_flight") == 0
+
+    blocker = sqlite3.connect(sa.make_url(gateway.database_url).database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        check_answer(gateway.refund(request_text(106, "1.00")), "9001", 503)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    service = metrics_text(_metrics_url(gateway.service))
+    errors = [sample(service, "refund_service_database_errors_total", kind=kind) or 0
+              for kind in ("unavailable", "timeout")]
+    assert sum(errors) >= 1
+    assert sample(service, "refund_service_refunds_total", method="MerchantRefund", response_code="9001") == 1
+    text = edge_metrics(gateway).body.decode()
+    assert sample(text, "refund_edge_backend_failures_total", response_code="9001") == 1
+
+
+def test_the_service_serves_no_metrics_unless_asked(sqlite_url, start_service):
+    service = start_service(sqlite_url)
+    assert "metrics on" not in service.output()
