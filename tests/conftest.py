@@ -88,6 +88,27 @@ def fake_backend():
 
 
 @pytest.fixture
+def private_postgres():
+    """A PostgreSQL cluster of this test alone, started; it may crash it (`PrivatePostgres`)."""
+    from tests.support.postgres import PrivatePostgres
+
+    cluster = PrivatePostgres()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA made for this test, in its temporary directory (`Pki`)."""
+    from tests.support.tls import Pki
+
+    return Pki.create(tmp_path / "pki")
+
+
+@pytest.fixture
 def nats_server():
     """A private JetStream server (skips the test when nats-server is not installed)."""
     from tests.support.events import NatsServer

@@ -16,7 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from tests.support import data
-from tests.support.postgres import PrivatePostgres
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -57,16 +56,6 @@ def refund(address: str, order_id: int) -> str:
         return refund_pb2_grpc.RefundServiceStub(channel).Refund(
             refund_pb2.RefundRequest(merchant_id=str(MERCHANT), order_id=order_id, amount="1.00"),
             timeout=10).response_code
-
-
-@pytest.fixture
-def private_postgres():
-    cluster = PrivatePostgres()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.mark.postgres

@@ -19,11 +19,6 @@ from tests.support.tls import Pki
 NOISY_GRPC = {"GRPC_VERBOSITY": "DEBUG", "GRPC_TRACE": "handshaker,tcp,api"}
 
 
-@pytest.fixture
-def pki(tmp_path) -> Pki:
-    return Pki.create(tmp_path / "pki")
-
-
 def not_json(output: str) -> list[str]:
     bad = []
     for line in output.splitlines():

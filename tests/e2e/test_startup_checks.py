@@ -18,7 +18,6 @@ import sqlalchemy as sa
 from service import db
 from tests.support import ROOT
 from tests.support.postgres import PG_ADMIN_URL, postgres_or_skip
-from tests.support.tls import Pki
 
 # The documented exit statuses (docs/operations.md, "Exit status").
 EXIT_USAGE, EXIT_DATABASE, EXIT_SCHEMA, EXIT_TLS = 2, 3, 4, 5
@@ -163,11 +162,6 @@ def test_a_database_url_of_the_wrong_form_names_the_expected_form_with_exit_2(ur
 
 
 # -- TLS files -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pki(tmp_path) -> Pki:
-    return Pki.create(tmp_path / "pki")
 
 
 def test_a_key_that_does_not_match_the_certificate_is_named_as_such_with_exit_5(sqlite_url, pki):

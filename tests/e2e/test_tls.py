@@ -22,11 +22,6 @@ from tests.support.processes import Process
 from tests.support.tls import Pki
 
 
-@pytest.fixture
-def pki(tmp_path) -> Pki:
-    return Pki.create(tmp_path / "pki")
-
-
 def test_the_edge_serves_https_from_a_certificate_and_key(sqlite_url, start_service, start_edge, pki):
     seed(sqlite_url)
     cert, key = pki.issue("edge", server=True)

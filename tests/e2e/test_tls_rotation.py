@@ -27,16 +27,10 @@ import pytest
 from refund.v1 import refund_pb2, refund_pb2_grpc
 from tests.support import ROOT, data
 from tests.support.keys import EXAMPLE_KEY_PEM, EXAMPLE_PUB_PEM, example_key, signed_body
-from tests.support.tls import Pki
 
 MERCHANT = 7700001
 FIRST_ORDER = 770_000
 ORDERS = 2000
-
-
-@pytest.fixture
-def pki(tmp_path) -> Pki:
-    return Pki.create(tmp_path / "pki")
 
 
 def _fingerprint(der: bytes) -> str:

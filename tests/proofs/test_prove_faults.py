@@ -34,7 +34,6 @@ from tests.support.data import refund_text
 from tests.support.http import Reply, latency_summary, post, post_many
 from tests.support.keys import generated_key, public_pem, signed_body
 from tests.support.ledger import check_ledger
-from tests.support.postgres import PrivatePostgres
 from tests.support.processes import free_port
 
 MERCHANT = 7200001
@@ -119,16 +118,6 @@ def _wait_until_answering(edge_address: str, bodies: dict, limit: float = 20.0) 
             return time.monotonic() - began
         time.sleep(0.1)
     raise AssertionError(f"the service did not recover within {limit} s of the database coming back")
-
-
-@pytest.fixture
-def private_postgres():
-    cluster = PrivatePostgres()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.mark.postgres
