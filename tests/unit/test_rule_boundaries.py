@@ -103,7 +103,7 @@ def test_a_balance_equal_to_the_amount_covers_it_and_one_unit_less_does_not(curr
     exact = decide(asking(amount, currency), snapshot_of(currency, amount, balance=amount))
     assert exact.approved and exact.amount == amount
     short = decide(asking(amount, currency), snapshot_of(currency, amount, balance=amount - 1))
-    assert short == domain.INSUFFICIENT_BALANCE
+    assert short == domain.Decision(ResponseCode.INSUFFICIENT_BALANCE, "unsettled balance does not cover the amount")
 
 
 @pytest.mark.parametrize(("currency", "amount"), edges([2, 7619, MAX]))
