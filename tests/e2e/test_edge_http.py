@@ -300,8 +300,8 @@ def test_the_openapi_document_is_served_and_describes_what_the_edge_does(sqlite_
     refund_responses = document["paths"]["/direct/refund"]["post"]["responses"]
     assert set(refund_responses) == {str(s) for s in answers.HTTP_STATUS.values()} | {"404", "405", "408", "413", "415",
                                                                                         "431"}
-    for code, status in answers.HTTP_STATUS.items():
-        enum = refund_responses[str(status)]["content"]["application/json"]["schema"]["allOf"][1]
+    for code, http_status in answers.HTTP_STATUS.items():
+        enum = refund_responses[str(http_status)]["content"]["application/json"]["schema"]["allOf"][1]
         assert code.value in enum["properties"]["responseCode"]["enum"], code
         assert code.name in enum["properties"]["message"]["enum"], code
     answer = document["components"]["schemas"]["Answer"]["properties"]

@@ -49,7 +49,7 @@ def test_the_recording_is_of_the_current_scenario():
         assert RECORDED[part] == current[part], f"{part} differs from the scenario: record again"
     names = [request["name"] for request in current["requests"]]
     assert [request["name"] for request in RECORDED["requests"]] == names, "requests added, removed or renamed"
-    for recorded, request in zip(RECORDED["requests"], current["requests"]):
+    for recorded, request in zip(RECORDED["requests"], current["requests"], strict=False):
         assert recorded == request, f"request {request['name']!r} differs from the scenario: record again"
 
 
@@ -73,7 +73,7 @@ def test_the_edge_answers_every_recorded_request_byte_for_byte(kind):
         pytest.skip(str(exc))
     recorded = RECORDED["answers"]
     assert len(answers) == len(recorded)
-    differing = [i for i, (old, new) in enumerate(zip(recorded, answers)) if old != new]
+    differing = [i for i, (old, new) in enumerate(zip(recorded, answers, strict=False)) if old != new]
     if differing:
         first = differing[0]
         pytest.fail(f"{len(differing)} of {len(recorded)} answers differ on {kind}; the first:\n"

@@ -57,7 +57,7 @@ def presented(host: str, port: int, ca: Path, *, alpn: str | None = None, client
 def install(source: tuple[Path, Path], target: tuple[Path, Path]) -> None:
     """Replace the served certificate, then its key, each by an atomic rename (as a
     deployment tool would): for a moment the certificate and key do not match."""
-    for new, served in zip(source, target):
+    for new, served in zip(source, target, strict=False):
         staging = served.with_suffix(".new")
         shutil.copyfile(new, staging)
         os.replace(staging, served)
@@ -126,7 +126,7 @@ def test_certificates_rotate_under_a_refund_loop_on_the_service_and_the_edge_wit
     edge_pair = (served / "edge.crt.pem", served / "edge.key.pem")
     for source, target in ((pki.issue("service-2026", server=True), service_pair),
                            (pki.issue("edge-2026", server=True), edge_pair)):
-        for new, path in zip(source, target):
+        for new, path in zip(source, target, strict=False):
             shutil.copyfile(new, path)
     client = pki.issue("edge-client", server=False)
 

@@ -317,7 +317,7 @@ def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks
     finally:
         service.close()
     for order_id in (6, 7):
-        order, transactions = run(keyed, lambda store: store.get_order(MERCHANT, order_id, None))
+        order, transactions = run(keyed, lambda store, order_id=order_id: store.get_order(MERCHANT, order_id, None))
         assert order.status == "SUCCESS" and [t.type for t in transactions] == ["SALE"]
         assert _audit(keyed, order_id) == []  # a refused signature decides nothing about the order
 

@@ -57,11 +57,11 @@ def _storm(url, services, edges):
     assert set(codes) <= {"0000", "3003", "4004"}, codes
     assert all(a.status == 200 for a in answers)
     approved = {}
-    for order_id, answer in zip(order_ids, answers):
+    for order_id, answer in zip(order_ids, answers, strict=False):
         if answer.code == "0000":
             assert order_id not in approved, f"order {order_id} approved twice"
             approved[order_id] = answer.json["transaction"]
-    for order_id, answer in zip(order_ids, answers):
+    for order_id, answer in zip(order_ids, answers, strict=False):
         if answer.code == "3003":  # carries the one refund of that order
             assert answer.json["transaction"] == approved[order_id], order_id
 

@@ -54,7 +54,7 @@ def check_ledger(url: str, initial: dict[tuple[int, str], int]) -> Ledger:
     naming it); balance = initial - refunds = initial - approved audit amounts."""
     ledger = read_ledger(url)
     approved = defaultdict(list)
-    for merchant, order_id, amount_text, code, txn in ledger.audit:
+    for _merchant, order_id, amount_text, code, txn in ledger.audit:
         if code == "0000":
             approved[order_id].append((txn, amount_text))
         else:

@@ -264,7 +264,7 @@ def first_difference(index: int, request: dict, old: dict, new: dict) -> str:
         return f"{where}: status line\n  recorded: {old['status']}\n  now:      {new['status']}"
     before, after = body_bytes(old), body_bytes(new)
     if before != after:
-        at = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+        at = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), min(len(before), len(after)))
         return (f"{where}: body, first different byte at offset {at} (lengths {len(before)} and {len(after)})\n"
                 f"  recorded: ...{before[max(0, at - 60):at + 60]!r}\n"
                 f"  now:      ...{after[max(0, at - 60):at + 60]!r}")
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         print(f"{kind}: {len(answers[kind])} answers in {time.monotonic() - started:.1f} s")
     (first, first_answers), *others = answers.items()
     for kind, other in others:  # docs/api.md promises the same answers on either database
-        differing = [i for i, (a, b) in enumerate(zip(first_answers, other)) if a != b]
+        differing = [i for i, (a, b) in enumerate(zip(first_answers, other, strict=False)) if a != b]
         if differing:
             i = differing[0]
             print(f"{first} and {kind} answer differently ({len(differing)} answers); the first:\n"
