@@ -40,16 +40,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway_edge import answers
+from gateway_edge import answers, envelope
 from gateway_edge import metrics as edge_metrics
 from gateway_edge.answers import Answer
 from gateway_edge.limits import DEFAULT_MAX_IN_FLIGHT
 from gateway_edge.policy import RateLimiter, StatusMode, StatusModes, claimed_merchant
 from gateway_edge.signer import ResponseSigner
 from refund.v1 import refund_pb2, refund_pb2_grpc
-from refund_wire import strict_json
 from refund_wire.codes import ResponseCode
-from refund_wire.formats import IDEMPOTENCY_KEY
 from service import telemetry, tracing
 
 log = logging.getLogger("refund-edge")
@@ -81,9 +79,6 @@ CHANNEL_OPTIONS = (
 
 _NO_STORE = (b"cache-control", b"no-store")
 _RETRY_SOON = ((b"retry-after", b"1"),)
-_ENVELOPE_SHAPE = "the body must be a JSON object with the string fields request and signature"
-
-
 class _BodyTooLarge(Exception):
     pass
 
@@ -166,7 +161,7 @@ class EdgeApp:
             await channel.close(grace=1.0)
 
     async def _http(self, scope, receive, send):
-        request_id = telemetry.sane_request_id(_header(scope, b"x-request-id")) or telemetry.new_request_id()
+        request_id = telemetry.sane_request_id(envelope.header(scope, b"x-request-id")) or telemetry.new_request_id()
         token = telemetry.REQUEST_ID.set(request_id)
         responder = _Responder(send, request_id, self.signer,
                                always_200=self.status_modes.default is StatusMode.ALWAYS_200)
@@ -238,7 +233,7 @@ class EdgeApp:
     # -- POST /direct/refund, POST /direct/query --------------------------------
 
     async def _refund(self, scope, receive, responder: _Responder):
-        key = _idempotency_key(scope)
+        key = envelope.idempotency_key(scope)
         if isinstance(key, Answer):
             await responder.answer(key)
             return
@@ -295,7 +290,7 @@ class EdgeApp:
     async def _signed_envelope(self, scope, receive, responder: _Responder) -> tuple[bytes, str] | None:
         """(request bytes, signature) of the signed envelope; None once the
         request has been answered with what is wrong with it."""
-        if not _is_json(_header(scope, b"content-type")):
+        if not envelope.is_json(envelope.header(scope, b"content-type")):
             await responder.answer(answers.invalid_request("Content-Type must be application/json", 415))
             return None
         try:
@@ -308,7 +303,7 @@ class EdgeApp:
             await responder.answer(answers.invalid_request(
                 f"the body did not arrive within {self.body_timeout:g} seconds", 408), ((b"connection", b"close"),))
             return None
-        parsed = _parse_envelope(body)
+        parsed = envelope.parse(body)
         if isinstance(parsed, Answer):
             await responder.answer(parsed)
             return None
@@ -317,7 +312,7 @@ class EdgeApp:
     async def _read_body(self, scope, receive) -> bytes:
         """The whole body, refusing it as soon as it is known to exceed the cap,
         or when it does not arrive within the body timeout (a trickling client)."""
-        declared = _header(scope, b"content-length")
+        declared = envelope.header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _BodyTooLarge()
         try:
@@ -361,54 +356,6 @@ class EdgeApp:
     async def _metrics(self, scope, receive, responder: _Responder):
         content_type = edge_metrics.CONTENT_TYPE.encode("ascii")
         await responder.send(200, edge_metrics.exposition(), content_type=content_type)
-
-
-def _parse_envelope(body: bytes) -> tuple[bytes, str] | Answer:
-    """(request bytes, signature) from the envelope, or the 1001 answer saying what is wrong."""
-    try:
-        envelope = strict_json.loads(body)
-    except strict_json.StrictJSONError as exc:
-        reason = str(exc)
-        return answers.invalid_request(f"the body is {reason}" if reason.startswith("not") else f"the body: {reason}")
-    if not isinstance(envelope, dict):
-        return answers.invalid_request(_ENVELOPE_SHAPE)
-    request, signature = envelope.get("request"), envelope.get("signature")
-    if not isinstance(request, str):
-        return answers.invalid_request("request is required and must be a string holding the signed JSON object")
-    if not isinstance(signature, str):
-        return answers.invalid_request("signature is required and must be a base64 string")
-    try:
-        raw = request.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
-        return answers.invalid_request("request is not valid Unicode text")
-    if not signature.isascii():  # base64 is ASCII; anything else (a lone surrogate too) cannot be one
-        return answers.invalid_request("signature must be a base64 string")
-    return raw, signature
-
-
-def _idempotency_key(scope) -> str | Answer:
-    """The Idempotency-Key header ("" without one), or the 1001 answer for a bad one."""
-    values = [value for key, value in scope["headers"] if key == b"idempotency-key"]
-    if not values:
-        return ""
-    key = values[0].decode("latin-1")
-    if len(values) > 1 or not IDEMPOTENCY_KEY.match(key):
-        return answers.invalid_request("Idempotency-Key must be one header of 1 to 64 printable ASCII characters")
-    return key
-
-
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _is_json(content_type: str | None) -> bool:
-    """application/json, any case, with parameters such as charset allowed."""
-    if content_type is None:
-        return False
-    return content_type.split(";", 1)[0].strip().lower() == "application/json"
 
 
 class _Responder:
