@@ -8,6 +8,9 @@ before reading, and other processes on the same file (refund-admin) wait on
 in one call and applied in another, guarded like PostgreSQL's: the order is
 marked only in the status that was read, the balance debited only while it
 covers the amount; behind them stand the unique refund index and the balance check.
+
+A little over 400 lines: one adapter, every method of the port (refund steps,
+queries, idempotency, sales, settlements) in one place, as in postgres.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """End to end over HTTP: real `refund-service` and `refund-edge` processes on
 free ports, data seeded in SQLite (and PostgreSQL where the test is
 parametrized with `database_url`), every answer checked for the documented
-shape and JSON types (docs/api.md sections 2 to 4)."""
+shape and JSON types (docs/api.md sections 2 to 4).
+
+Long (about 450 lines) on purpose: one live stack, started once, carries every case of the answer's shape.
+"""
 
 from __future__ import annotations
 

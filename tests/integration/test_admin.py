@@ -2,6 +2,8 @@
 
 `database_url` (tests/conftest.py) is a migrated, empty database: a SQLite
 file, then a PostgreSQL database of its own.
+
+Long (about 610 lines) on purpose: every refund-admin command's cases, each short, kept beside the shared fixtures of the load files.
 """
 
 from __future__ import annotations

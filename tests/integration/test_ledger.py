@@ -8,6 +8,8 @@ The findings this file reproduces (each failed on 643d3c9):
 5. on the Idempotency-Key path a deactivated key could still refund;
 6. amount text over gRPC was lenient ("1e1", " 5.00", "+5.00", ".5", ...).
 Finding 2 (load overwrote live balances) is in tests/integration/test_admin.py.
+
+Long (about 540 lines) on purpose: one section per finding of issue 10, each with its own scenario.
 """
 
 from __future__ import annotations

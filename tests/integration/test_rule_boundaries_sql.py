@@ -13,6 +13,8 @@ debit of the wrong balance or an order marked without a refund fails too.
 
 `make mutation` (mutation/sql.py) alters these statements' conditions one at a
 time; each alteration must fail a test here or in tests/integration/test_refund_at_once.py.
+
+Long (about 480 lines) on purpose: the ledger harness and the edges it runs are read together.
 """
 
 from __future__ import annotations

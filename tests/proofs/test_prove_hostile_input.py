@@ -21,6 +21,8 @@ end both processes still run, /healthz says SERVING, the ledger keeps its
 invariants and nothing that looks like a card number was answered, logged or
 stored. The schemathesis run against the OpenAPI document is in
 tests/proofs/test_prove_schemathesis.py.
+
+Long (about 540 lines) on purpose: most of it is the table of hostile requests and the answer each gets.
 """
 
 from __future__ import annotations

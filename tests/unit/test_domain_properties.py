@@ -5,6 +5,8 @@
 (b) A small in-memory model of the store (orders, balances, refunds) applies
     domain.decide to random sequences of attempts; the money rules of docs/api.md
     section 3 must hold after every step.
+
+Long (about 490 lines) on purpose: the strategies and the model the properties share live beside them.
 """
 
 from __future__ import annotations
