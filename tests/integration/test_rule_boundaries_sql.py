@@ -455,12 +455,12 @@ def _approving_anything(units: int, status: str):
 
 
 @pytest.mark.parametrize("order_status", ["OPEN", "VOIDED", "PARTIALLY_REFUNDED"])
-def test_sqlite_marks_only_a_paid_order_even_when_the_decision_is_wrong(ledger, monkeypatch, order_status):
-    """SQLite's write checks the status itself: were domain.decide to approve an unpaid or
-    refunded order, the transaction is rolled back and nothing is written (the refund
-    reads and decides again until it gives up with 9001)."""
-    if ledger.postgres:
-        pytest.skip("on PostgreSQL the statement marks only the status read (see the race test above)")
+def test_no_store_marks_an_unpaid_or_refunded_order_even_when_the_decision_is_wrong(ledger, monkeypatch,
+                                                                                    order_status):
+    """Both stores' guarded apply checks the status itself (sql.refundable, written from
+    domain.REFUNDABLE_STATUSES): were domain.decide to approve an unpaid or refunded
+    order, nothing is written (the refund reads and decides again until it gives up
+    with 9001)."""
     case = Case(status=order_status)
     order_id = ledger.make_order(case)
     monkeypatch.setattr(domain, "decide", _approving_anything(7619, "REFUNDED"))
