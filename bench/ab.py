@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=6)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--modes", default="edge-postgres,grpc-postgres",
-                        help="comma-separated PATH-DATABASE: edge or grpc, postgres or sqlite")
+                        help="comma-separated PATH-DATABASE[-storm]: edge or grpc, postgres or sqlite; "
+                             "-storm: every refund on one merchant")
     parser.add_argument("--pg-url", default=os.environ.get("REFUND_BENCH_PG_URL",
                                                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     args = parser.parse_args(argv)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
 def compare(args, modes, versions: list[Version], work: Path) -> dict:
     layout = Layout()
     runs = {(r, t, m): layout.add(f"{r}-{t}-{'-'.join(m)}", int(args.duration * (1800 if m[0] == "edge" else 2500)),
-                                  m[0] == "edge")
+                                  m[0] == "edge", storm=m[2:] == ("storm",))
             for r in range(args.rounds) for t in range(len(versions)) for m in modes}
     warm = {(r, t): (layout.add(f"warm-edge-{r}-{t}", 1500, True), layout.add(f"warm-grpc-{r}-{t}", 1500, False))
             for r in range(args.rounds) for t in range(len(versions))}  # fresh orders: warm the approvals
@@ -127,7 +128,7 @@ def compare(args, modes, versions: list[Version], work: Path) -> dict:
     document = work / "load.json"
     document.write_text(json.dumps(load_document(public, list(layout.slices.values()))))
     for t, version in enumerate(versions):
-        for db in {db for _, db in modes}:
+        for db in {mode[1] for mode in modes}:
             if db == "postgres":
                 version.pg = Postgres(args.pg_url)
                 version.urls[db] = version.pg.url

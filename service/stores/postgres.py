@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from service import domain, outbox, telemetry
 from service.clock import utc_now
 from service.stores import postgres_refund as refund_sql
+from service.stores.group_commit import GroupCommit
 from service.stores.port import (
     BALANCE_TOO_LARGE,
     Attempt,
@@ -123,6 +124,10 @@ class PostgresStore:
         self._pool = pool
         self._timeout = command_timeout
         self._statements: _RefundStatements | None = None  # with the sequence resolved, on first use
+        # One refund statement per merchant at a time; the others of that
+        # merchant meanwhile go together in one transaction (group_commit.py).
+        self.group_commit = GroupCommit(self._refund_alone, self._refunds_together,
+                                        stopped=lambda: StoreUnavailable("closing"))
         # Numbers the journal's entries as events while this process holds the
         # sequencer's lock (service/outbox.py); stopped by close().
         self.sequencer = sequencer
@@ -166,16 +171,17 @@ class PostgresStore:
         """IN_ONE_STATEMENT: applied, or the snapshot it read to decide on."""
         now = utc_now()
         key_id, timestamped = (signed_by.key_id, signed_by.timestamped) if signed_by else (None, False)
-        async with self._connection() as conn:
-            statements = self._statements or await self._resolve_statements(conn)
-            statement = statements.in_one_statement_by_id if command.order_id is not None \
-                else statements.in_one_statement_by_reference
-            try:
-                row = await conn.fetchrow(statement, command.merchant_id, command.order_id,
-                                          command.merchant_reference, domain.minor_units_by_decimals(command.amount),
-                                          now, command.amount_text, key_id, timestamped, telemetry.REQUEST_ID.get())
-            except asyncpg.NotNullViolationError:  # the balance fell below the amount during the statement
-                return Attempt(interrupted=Interrupted.STATE_MOVED)
+        statements = self._statements or await self._resolve_statements()
+        statement = statements.in_one_statement_by_id if command.order_id is not None \
+            else statements.in_one_statement_by_reference
+        try:
+            row = await self.group_commit.run(
+                command.merchant_id, statement,
+                (command.merchant_id, command.order_id, command.merchant_reference,
+                 domain.minor_units_by_decimals(command.amount), now, command.amount_text, key_id, timestamped,
+                 telemetry.REQUEST_ID.get()))
+        except asyncpg.NotNullViolationError:  # the balance fell below the amount during the statement
+            return Attempt(interrupted=Interrupted.STATE_MOVED)
         values = tuple(row)
         if not values[0]:
             return Attempt(interrupted=Interrupted.CREDENTIALS_CHANGED)
@@ -186,6 +192,19 @@ class PostgresStore:
         refund = domain.Transaction(refund_id, order.merchant_id, order.id, domain.REFUND, order.currency, amount,
                                     domain.TRANSACTION_SUCCEEDED, masked_pan, stan, now)
         return Attempt(applied=domain.RefundResult(domain.ResponseCode.SUCCESS, "SUCCESS", order, refund))
+
+    async def _refund_alone(self, statement: str, args: tuple):
+        async with self._connection() as conn:
+            return await conn.fetchrow(statement, *args)
+
+    async def _refunds_together(self, statement: str, many: list[tuple]):
+        """The rows of `statement` run once per args, in one transaction and one
+        round trip; None when PostgreSQL rolled that transaction back as a whole."""
+        async with self._connection() as conn:
+            try:
+                return await conn.fetchmany(statement, many)
+            except (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError):
+                return None
 
     async def read_snapshot(self, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
         async with self._connection() as conn:
@@ -202,8 +221,8 @@ class PostgresStore:
         """APPLY; when it changes nothing, whether the credentials or the state moved."""
         order, now = snapshot.order, utc_now()
         key_id, timestamped = (signed_by.key_id, signed_by.timestamped) if signed_by else (None, False)
+        statements = self._statements or await self._resolve_statements()
         async with self._connection() as conn:
-            statements = self._statements or await self._resolve_statements(conn)
             try:
                 applied = await conn.fetchrow(
                     statements.apply, command.merchant_id, order.id, order.currency, decision.amount,
@@ -227,8 +246,9 @@ class PostgresStore:
             await conn.execute(refund_sql.AUDIT, command.merchant_id, order_id, command.merchant_reference,
                                command.amount_text, decision.code.value, None, utc_now())
 
-    async def _resolve_statements(self, conn) -> _RefundStatements:
-        sequence = refund_sql.sequence_constant(await conn.fetchval(f"SELECT {refund_sql.SEQUENCE_LOOKUP}"))
+    async def _resolve_statements(self) -> _RefundStatements:
+        async with self._connection() as conn:
+            sequence = refund_sql.sequence_constant(await conn.fetchval(f"SELECT {refund_sql.SEQUENCE_LOOKUP}"))
         self._statements = _RefundStatements(refund_sql.apply_statement(sequence),
                                              *refund_sql.in_one_statement(sequence))
         return self._statements
@@ -371,6 +391,7 @@ class PostgresStore:
         return self._connection()
 
     async def close(self) -> None:
+        await self.group_commit.close()
         if self.sequencer is not None:
             await self.sequencer.stop()
         with contextlib.suppress(Exception):

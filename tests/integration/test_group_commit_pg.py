@@ -1,0 +1,129 @@
+"""Group commit on PostgreSQL (service/stores/group_commit.py): one merchant's
+refunds that arrive together are applied in one transaction, each still with
+every guard, its audit row and its journal entry; a batch that PostgreSQL
+rolls back is run again refund by refund, and never half of it survives."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+
+from service import db, domain
+from service.stores import open_store
+from service.usecases import refunds
+from tests.support import data
+from tests.support.data import admin, balance_of
+from tests.support.ledger import check_ledger
+
+pytestmark = pytest.mark.postgres
+
+MERCHANT, OTHER = 3400001, 3400002
+ORDERS = 60
+
+
+def storm(url: str, commands: list[domain.RefundCommand]):
+    """Every command at once through one store; (results, the store's group commit)."""
+    async def main():
+        store = await open_store(url)
+        try:
+            results = await asyncio.gather(*(refunds.refund(store, c) for c in commands))
+            return results, store.group_commit
+        finally:
+            await store.close()
+    return asyncio.run(main())
+
+
+def load(url: str, balance: str) -> None:
+    data.load(url, [data.merchant(MERCHANT, balances={"HKD": balance}),
+                    data.merchant(OTHER, balances={"HKD": "1000.00"})],
+              [data.order(order_id, MERCHANT, "10.00") for order_id in range(1, ORDERS + 1)]
+              + [data.order(1000 + order_id, OTHER, "10.00") for order_id in range(1, 6)])
+
+
+def test_one_merchants_storm_is_batched_and_every_refund_still_guarded(postgres_url):
+    """60 refunds of one merchant at once, with a balance for 45 of them: they go
+    in batches, 45 are approved, 15 declined for the balance, nothing twice,
+    and the journal still adds up (refund-admin verify)."""
+    load(postgres_url, "450.00")
+    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, ORDERS + 1)]
+    results, group = storm(postgres_url, commands)
+
+    codes = Counter(r.code for r in results)
+    assert codes == {domain.ResponseCode.SUCCESS: 45, domain.ResponseCode.INSUFFICIENT_BALANCE: 15}
+    assert group.batches >= 1 and group.batched >= 2, "the storm formed no batch"
+    assert group.rolled_back == 0
+    for command, result in zip(commands, results, strict=True):
+        assert result.order.id == command.order_id  # each caller got its own refund's answer
+    assert balance_of(postgres_url, MERCHANT, "HKD") == 0
+    check_ledger(postgres_url, {(MERCHANT, "HKD"): 45000, (OTHER, "HKD"): 100000})
+    assert "the ledger holds" in admin(postgres_url, "verify")
+
+
+def test_the_same_order_many_times_in_one_batch_is_refunded_once(postgres_url):
+    """Duplicates of one order in one batch see each other's writes: one
+    approval, the rest answer that the order was already refunded."""
+    load(postgres_url, "1000.00")
+    commands = [domain.RefundCommand(MERCHANT, 1, None, "10.00")] + \
+        [domain.RefundCommand(MERCHANT, 2, None, "10.00") for _ in range(12)]
+    results, group = storm(postgres_url, commands)
+
+    assert group.batched >= 2
+    codes = Counter(r.code for r in results[1:])
+    assert codes == {domain.ResponseCode.SUCCESS: 1, domain.ResponseCode.ALREADY_REFUNDED: 11}
+    refund_ids = {r.transaction.id for r in results[1:]}
+    assert len(refund_ids) == 1  # every answer names the one refund
+    assert balance_of(postgres_url, MERCHANT, "HKD") == 100000 - 2000
+    assert "the ledger holds" in admin(postgres_url, "verify")
+
+
+def test_a_batch_rolled_back_by_postgresql_is_run_again_one_by_one_and_never_half_kept(postgres_url):
+    """A trigger makes the first batch of three or more fail on its third refund's audit row:
+    PostgreSQL rolls the whole batch back, so the two refunds before it must
+    not be kept; each refund then runs alone and is approved exactly once."""
+    load(postgres_url, "1000.00")
+    engine = db.make_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE audit_rows_seen (xact xid8)"))
+        connection.execute(sa.text("CREATE SEQUENCE failures"))
+        connection.execute(sa.text("""
+            CREATE FUNCTION fail_one_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                -- the third audit row of one transaction, i.e. of a batch, fails once
+                -- (the sequence is not rolled back with it)
+                INSERT INTO audit_rows_seen VALUES (pg_current_xact_id());
+                IF (SELECT count(*) FROM audit_rows_seen WHERE xact = pg_current_xact_id()) = 3
+                   AND nextval('failures') = 1 THEN
+                    RAISE EXCEPTION 'injected' USING ERRCODE = 'unique_violation';
+                END IF;
+                RETURN NEW;
+            END $$"""))
+        connection.execute(sa.text("CREATE TRIGGER fail_one_batch BEFORE INSERT ON refund_attempts "
+                                   "FOR EACH ROW EXECUTE FUNCTION fail_one_batch()"))
+    engine.dispose()
+    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 21)]
+    results, group = storm(postgres_url, commands)
+
+    assert group.rolled_back == 1
+    assert [r.code for r in results] == [domain.ResponseCode.SUCCESS] * 20
+    assert balance_of(postgres_url, MERCHANT, "HKD") == 100000 - 20 * 1000
+    ledger = check_ledger(postgres_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
+    assert sorted(ledger.refunds) == list(range(1, 21))
+    assert all(len(made) == 1 for made in ledger.refunds.values())
+    assert "the ledger holds" in admin(postgres_url, "verify")
+
+
+def test_merchants_do_not_wait_for_each_other(postgres_url):
+    """Each merchant's refunds form their own batches: another merchant's
+    refunds in the same storm are never put in them."""
+    load(postgres_url, "1000.00")
+    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 31)] + \
+        [domain.RefundCommand(OTHER, 1000 + order_id, None, "10.00") for order_id in range(1, 6)]
+    results, group = storm(postgres_url, commands)
+
+    assert all(r.code is domain.ResponseCode.SUCCESS for r in results)
+    assert [r.order.merchant_id for r in results] == [c.merchant_id for c in commands]
+    assert balance_of(postgres_url, OTHER, "HKD") == 100000 - 5 * 1000
+    assert "the ledger holds" in admin(postgres_url, "verify")
