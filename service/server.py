@@ -35,7 +35,7 @@ from refund.v1 import refund_pb2, refund_pb2_grpc
 from service import config, events, metrics, readiness, startup, telemetry, tracing
 from service.grpc_api import DecodingInterceptor, RefundServicer
 from service.startup import StartupError
-from service.stores import open_store
+from service.stores import group_commit, open_store
 from service.stores.port import StoreUnavailable
 
 log = logging.getLogger("refund-service")
@@ -107,7 +107,7 @@ async def serve(args) -> int:
             waiting, warning = True, None
         if warning:
             log.warning("%s", warning)
-        store = await open_store(url, command_timeout=args.db_timeout, connect=not waiting)
+        store = await open_store(url, command_timeout=args.db_timeout, connect=not waiting, lanes=args.db_lanes)
     except StartupError as exc:
         return startup.refuse(log, exc)
     except (StoreUnavailable, ValueError) as exc:
@@ -224,6 +224,11 @@ def parse_args(argv=None):
     parser.add_argument("--db-timeout", type=positive, default=env(parser, "REFUND_DB_TIMEOUT", positive, 5.0),
                         help="seconds a database call may take before the answer is UNAVAILABLE "
                              "(env REFUND_DB_TIMEOUT, default 5)")
+    parser.add_argument("--db-lanes", type=startup.lanes,
+                        default=env(parser, "REFUND_DB_LANES", startup.lanes, group_commit.LANES),
+                        help="PostgreSQL: refund transactions this process runs at once; refunds arriving "
+                             "meanwhile go together in the next, one per lane (env REFUND_DB_LANES, 1-64, default "
+                             f"{group_commit.LANES})")
     parser.add_argument("--wait-for-database", type=seconds,
                         default=env(parser, "REFUND_WAIT_FOR_DATABASE", seconds, 0.0),
                         help="when the database is unreachable at start, listen NOT_SERVING and wait this many "

@@ -102,6 +102,13 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def lanes(text: str) -> int:
+    """A number of group-commit lanes: a whole number from 1 to 64."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 64):
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 64, got {text!r}")
+    return int(text)
+
+
 def log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")

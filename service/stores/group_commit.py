@@ -1,19 +1,22 @@
-"""Group commit for one merchant's refunds on PostgreSQL.
+"""Group commit for refunds on PostgreSQL.
 
-Every approved refund debits its merchant's balance row, and PostgreSQL holds
-that row's lock until the commit is flushed to disk. When many refunds of one
-merchant arrive at once (a cancelled event's ten thousand tickets), each would
-wait on that lock for the refund before it: the merchant's refunds would go one
-flush at a time, and every wait costs PostgreSQL CPU.
+Every refund is a small transaction: PostgreSQL pays for each one's snapshot,
+commit and flush, and for the round trip, and under load many backends contend
+for two cores. An approved refund also locks its merchant's balance row until
+its commit is flushed, so when many refunds of one merchant arrive at once (a
+cancelled event's ten thousand tickets), each waits on that lock for the one
+before it.
 
-So a process runs at most one refund statement per merchant at a time. The
-refunds of that merchant that arrive meanwhile wait in the merchant's queue;
-when the running one is done, they go to PostgreSQL together as a batch. Each
-refund in a batch is still its own statement (IN_ONE_STATEMENT, with every
-guard, its audit row and its journal entry), but the batch is sent in one round
-trip and runs as one transaction: it takes the balance row's lock once and
-flushes once. A refund that finds no other of its merchant running goes alone
-at once, as it would without this module: nothing waits for a batch to fill.
+So a process sends its refunds through a few lanes (LANES, `--db-lanes`), and
+each lane runs one refund, or one batch of refunds, at a time. A merchant always
+goes to the same lane, so no two refunds of one merchant run at once in a process.
+Refunds that arrive while their lane is busy wait in its queue; when the running
+one is done they go to PostgreSQL together, as a batch: each refund is still its
+own IN_ONE_STATEMENT (every guard, its audit row, its journal entry), but the
+batch is sent in one round trip and runs as one transaction, which takes each
+balance row's lock once and flushes once. A batch is in merchant order, so two
+batches (of two processes) lock balance rows in the same order. A refund that
+finds its lane idle goes alone at once: nothing waits for a batch to fill.
 
 A batch commits or rolls back as a whole:
 - if one of its statements fails on a constraint, or PostgreSQL rolls it back
@@ -34,21 +37,25 @@ import collections
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-# The most refunds in one batch: bounds how long a batch holds the balance row
-# and how long its last refund waits for the first.
+# The most refunds in one batch: bounds how long a batch holds its rows and how
+# long its last refund waits for the first.
 BATCH_LIMIT = 32
+# Lanes per process. bench.ab on 2 cores, 32 connections: 1 or 2 lanes took the
+# signed edge from 770 to 1,030-1,066 refunds/s, 4 lanes to 911/s (docs/performance.md).
+LANES = 2
 
 
 @dataclass
 class _Waiting:
+    merchant: int
     statement: str
     args: tuple
     future: asyncio.Future
 
 
 @dataclass
-class _Merchant:
-    """A merchant with a refund running: the refunds waiting behind it."""
+class _Lane:
+    """A lane with a refund or a batch running: the refunds waiting behind it."""
     waiting: collections.deque[_Waiting] = field(default_factory=collections.deque)
 
 
@@ -60,58 +67,61 @@ class GroupCommit:
 
     def __init__(self, alone: Callable[[str, tuple], Awaitable],
                  together: Callable[[str, list[tuple]], Awaitable[Sequence | None]], limit: int = BATCH_LIMIT,
-                 stopped: Callable[[], Exception] = lambda: RuntimeError("stopped")):
+                 stopped: Callable[[], Exception] = lambda: RuntimeError("stopped"), lanes: int = LANES):
         self._alone = alone
+        self._lanes = lanes
         self._stopped = stopped  # what a refund whose batch was stopped (by close) gets
         self._together = together
         self._limit = limit
-        self._running: dict[object, _Merchant] = {}
+        self._running: dict[int, _Lane] = {}
         self._drains: set[asyncio.Task] = set()
         # What happened so far (tests and the bench read them).
         self.batches = 0
         self.batched = 0
         self.rolled_back = 0
 
-    async def run(self, merchant: object, statement: str, args: tuple):
-        """The row of `statement` run with `args`, alone or in a batch of `merchant`'s refunds."""
-        running = self._running.get(merchant)
+    async def run(self, merchant: int, statement: str, args: tuple):
+        """The row of `statement` run with `args`, alone or in a batch of its lane."""
+        lane = merchant % self._lanes
+        running = self._running.get(lane)
         if running is not None:
             future = asyncio.get_running_loop().create_future()
-            running.waiting.append(_Waiting(statement, args, future))
+            running.waiting.append(_Waiting(merchant, statement, args, future))
             return await future
-        self._running[merchant] = _Merchant()
+        self._running[lane] = _Lane()
         try:
             return await self._alone(statement, args)
         finally:
-            self._hand_over(merchant)
+            self._hand_over(lane)
 
-    def _hand_over(self, merchant: object) -> None:
-        """The merchant's running refund is done: start on those waiting, or mark it idle."""
-        waiting = self._running[merchant].waiting
+    def _hand_over(self, lane: int) -> None:
+        """The lane's running refund is done: start on those waiting, or mark the lane idle."""
+        waiting = self._running[lane].waiting
         while waiting and waiting[0].future.done():  # their callers gave up
             waiting.popleft()
         if not waiting:
-            del self._running[merchant]
+            del self._running[lane]
             return
-        task = asyncio.get_running_loop().create_task(self._drain(merchant))
+        task = asyncio.get_running_loop().create_task(self._drain(lane))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
-    async def _drain(self, merchant: object) -> None:
-        waiting = self._running[merchant].waiting
+    async def _drain(self, lane: int) -> None:
+        waiting = self._running[lane].waiting
         try:
             while waiting:
                 batch = self._next_batch(waiting)
                 if batch:
                     await self._run_batch(batch)
         finally:
-            del self._running[merchant]
+            del self._running[lane]
             for left in waiting:  # only when the drain itself was cancelled (close)
                 if not left.future.done():
                     left.future.set_exception(self._stopped())
 
     def _next_batch(self, waiting: collections.deque[_Waiting]) -> list[_Waiting]:
-        """Up to `limit` waiting refunds in their order of arrival, all of one statement."""
+        """Up to `limit` waiting refunds of one statement, in merchant order (each
+        merchant's in their order of arrival)."""
         batch: list[_Waiting] = []
         while waiting and len(batch) < self._limit:
             if waiting[0].future.done():
@@ -120,6 +130,7 @@ class GroupCommit:
                 break
             else:
                 batch.append(waiting.popleft())
+        batch.sort(key=lambda w: w.merchant)
         return batch
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:

@@ -15,8 +15,8 @@ from sqlalchemy.engine import make_url
 
 from service import domain, outbox, telemetry
 from service.clock import utc_now
+from service.stores import group_commit
 from service.stores import postgres_refund as refund_sql
-from service.stores.group_commit import GroupCommit
 from service.stores.port import (
     BALANCE_TOO_LARGE,
     Attempt,
@@ -120,21 +120,22 @@ class _RefundStatements:
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool, command_timeout: float, sequencer: outbox.Sequencer | None = None):
+    def __init__(self, pool: asyncpg.Pool, command_timeout: float, sequencer: outbox.Sequencer | None = None,
+                 lanes: int = group_commit.LANES):
         self._pool = pool
         self._timeout = command_timeout
         self._statements: _RefundStatements | None = None  # with the sequence resolved, on first use
-        # One refund statement per merchant at a time; the others of that
-        # merchant meanwhile go together in one transaction (group_commit.py).
-        self.group_commit = GroupCommit(self._refund_alone, self._refunds_together,
-                                        stopped=lambda: StoreUnavailable("closing"))
+        # Refund statements go through `lanes` lanes, one transaction each at a
+        # time; refunds arriving meanwhile go together in the next (group_commit.py).
+        self.group_commit = group_commit.GroupCommit(self._refund_alone, self._refunds_together,
+                                                     stopped=lambda: StoreUnavailable("closing"), lanes=lanes)
         # Numbers the journal's entries as events while this process holds the
         # sequencer's lock (service/outbox.py); stopped by close().
         self.sequencer = sequencer
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0,
-                   connect: bool = True) -> PostgresStore:
+                   connect: bool = True, lanes: int = group_commit.LANES) -> PostgresStore:
         parsed = make_url(url)
         kwargs = dict(
             host=parsed.host or "127.0.0.1",
@@ -155,7 +156,7 @@ class PostgresStore:
             raise StoreUnavailable(type(exc).__name__) from None
         sequencer = outbox.Sequencer(outbox.connector(url, command_timeout))
         sequencer.start()
-        return cls(pool, command_timeout, sequencer)
+        return cls(pool, command_timeout, sequencer, lanes)
 
     @contextlib.asynccontextmanager
     async def _connection(self):

@@ -135,7 +135,9 @@ def test_a_bad_log_level_in_the_environment_is_one_line_with_exit_2(module, sqli
 
 @pytest.mark.parametrize("variable, value", [("REFUND_DB_TIMEOUT", "soon"), ("REFUND_DB_TIMEOUT", "-1"),
                                              ("REFUND_SHUTDOWN_GRACE", "nan"), ("REFUND_PRE_STOP", "x"),
-                                             ("REFUND_WAIT_FOR_DATABASE", "-5"),
+                                             ("REFUND_WAIT_FOR_DATABASE", "-5"), ("REFUND_DB_LANES", "0"),
+                                             ("REFUND_DB_LANES", "65"), ("REFUND_DB_LANES", "2.5"),
+                                             ("REFUND_DB_LANES", "\u0663"),
                                              ("REFUND_ALLOW_EXPIRED_CERTIFICATE", "maybe")])
 def test_bad_service_environment_values_name_the_variable_with_exit_2(variable, value, sqlite_url):
     service_refused(sqlite_url, env={variable: value}, exit_code=EXIT_USAGE, says=f"{variable}={value!r}")
@@ -148,6 +150,8 @@ def test_bad_edge_environment_values_name_the_variable_with_exit_2(variable, val
 
 def test_a_bad_flag_is_one_json_line_not_a_usage_text(sqlite_url):
     service_refused(sqlite_url, "--grace", "forever", exit_code=EXIT_USAGE, says="argument --grace")
+    service_refused(sqlite_url, "--db-lanes", "-1", exit_code=EXIT_USAGE,
+                    says="argument --db-lanes: expected a whole number from 1 to 64, got '-1'")
     refused("gateway_edge.server", "--listen", "nowhere", exit_code=EXIT_USAGE, says="address must be HOST:PORT")
 
 

@@ -24,10 +24,10 @@ MERCHANT, OTHER = 3400001, 3400002
 ORDERS = 60
 
 
-def storm(url: str, commands: list[domain.RefundCommand]):
+def storm(url: str, commands: list[domain.RefundCommand], lanes: int = 2):
     """Every command at once through one store; (results, the store's group commit)."""
     async def main():
-        store = await open_store(url)
+        store = await open_store(url, lanes=lanes)
         try:
             results = await asyncio.gather(*(refunds.refund(store, c) for c in commands))
             return results, store.group_commit
@@ -115,15 +115,20 @@ def test_a_batch_rolled_back_by_postgresql_is_run_again_one_by_one_and_never_hal
     assert "the ledger holds" in admin(postgres_url, "verify")
 
 
-def test_merchants_do_not_wait_for_each_other(postgres_url):
-    """Each merchant's refunds form their own batches: another merchant's
-    refunds in the same storm are never put in them."""
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_merchants_sharing_a_lane_share_batches_and_each_refund_keeps_its_answer(postgres_url, lanes):
+    """With one lane both merchants' refunds go in the same batches (in merchant
+    order); with two, each merchant has its own lane. Either way each caller
+    gets its own refund, and each balance only its own debits."""
     load(postgres_url, "1000.00")
-    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 31)] + \
-        [domain.RefundCommand(OTHER, 1000 + order_id, None, "10.00") for order_id in range(1, 6)]
-    results, group = storm(postgres_url, commands)
+    commands = [domain.RefundCommand(MERCHANT, o, None, "10.00") for o in range(1, 26)] + \
+        [domain.RefundCommand(OTHER, 1000 + o, None, "10.00") for o in range(1, 6)]
+    commands = [commands[i] for i in sorted(range(30), key=lambda i: (i % 6, i))]  # the two interleaved
+    results, group = storm(postgres_url, commands, lanes=lanes)
 
+    assert group.batched >= 2
     assert all(r.code is domain.ResponseCode.SUCCESS for r in results)
-    assert [r.order.merchant_id for r in results] == [c.merchant_id for c in commands]
+    assert [(r.order.merchant_id, r.order.id) for r in results] == [(c.merchant_id, c.order_id) for c in commands]
+    assert balance_of(postgres_url, MERCHANT, "HKD") == 100000 - 25 * 1000
     assert balance_of(postgres_url, OTHER, "HKD") == 100000 - 5 * 1000
     assert "the ledger holds" in admin(postgres_url, "verify")

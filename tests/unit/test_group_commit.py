@@ -114,15 +114,26 @@ def test_a_batch_holds_at_most_the_limit():
     assert [len(b) for b in database.batches] == [4, 4, 2]
 
 
-def test_one_merchant_never_has_two_statements_running_and_others_do_not_wait():
+def test_merchants_of_other_lanes_never_wait_for_each_other():
     database = FakeDatabase()
-    group = GroupCommit(database.alone, database.together)
+    group = GroupCommit(database.alone, database.together, lanes=3)
     calls = [("S", (merchant, order)) for order in range(8) for merchant in (1, 2, 3)]
 
     assert run(storm(group, database, calls)) == calls
     assert set(database.most_at_once.values()) == {1}
     assert all(len({args[0] for args in batch}) == 1 for batch in database.batches)
-    assert {args[0] for args in database.alone_calls} == {1, 2, 3}  # each merchant's first went at once
+    assert {args[0] for args in database.alone_calls} == {1, 2, 3}  # each lane's first went at once
+
+
+def test_merchants_of_one_lane_share_batches_in_merchant_order_never_two_of_one_merchant_at_once():
+    database = FakeDatabase()
+    group = GroupCommit(database.alone, database.together, lanes=1)
+    calls = [("S", (merchant, order)) for order in range(4) for merchant in (3, 1, 2)]
+
+    assert run(storm(group, database, calls)) == calls
+    assert database.alone_calls == [(3, 0)]
+    assert database.batches == [sorted(args for _, args in calls[1:])]  # merchant order; each merchant's in order of arrival
+    assert set(database.most_at_once.values()) == {1}
 
 
 def test_statements_of_two_kinds_are_never_in_one_batch():
@@ -226,14 +237,16 @@ def test_close_answers_everyone_still_waiting_and_nothing_hangs():
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["A", "B"]), st.integers(0, 2)), min_size=1,
                 max_size=40),
-       st.sets(st.integers(0, 10), max_size=3), st.sets(st.integers(0, 10), max_size=3), st.integers(1, 5))
-def test_every_caller_gets_exactly_its_own_answer_whatever_the_arrivals(arrivals, roll_back, lose, limit):
+       st.sets(st.integers(0, 10), max_size=3), st.sets(st.integers(0, 10), max_size=3), st.integers(1, 5),
+       st.integers(1, 3))
+def test_every_caller_gets_exactly_its_own_answer_whatever_the_arrivals(arrivals, roll_back, lose, limit, lanes):
     """Callers arrive in random order and pauses, over three merchants and two
-    statements; batches are rolled back or lost at random. Every caller gets its
-    own row or the error of its own batch; one merchant never has two statements
-    running; a refund runs at most twice (in a rolled-back batch, then alone)."""
+    statements, in one to three lanes; batches are rolled back or lost at random.
+    Every caller gets its own row or the error of its own batch; one merchant
+    never has two statements running; a batch is in merchant order; a refund runs
+    at most twice (in a rolled-back batch, then alone)."""
     database = FakeDatabase(roll_back=roll_back, lose=lose - roll_back)
-    group = GroupCommit(database.alone, database.together, limit=limit)
+    group = GroupCommit(database.alone, database.together, limit=limit, lanes=lanes)
 
     async def call(index, merchant, statement, pause):
         for _ in range(pause):
@@ -253,7 +266,9 @@ def test_every_caller_gets_exactly_its_own_answer_whatever_the_arrivals(arrivals
         else:
             assert result == (statement, (merchant, index))
     assert set(database.most_at_once.values()) <= {1}
-    assert all(len(batch) <= limit and len({a[0] for a in batch}) == 1 for batch in database.batches)
+    assert all(len(batch) <= limit and [a[0] for a in batch] == sorted(a[0] for a in batch)
+               for batch in database.batches)
+    assert all(len({a[0] % lanes for a in batch}) == 1 for batch in database.batches)
     runs = Counter(database.alone_calls) + Counter(a for batch in database.batches for a in batch)
     assert max(runs.values()) <= 2
     assert len(runs) == len(arrivals)
