@@ -54,17 +54,24 @@ MAX_RETRY_PAUSE = 5.0
 # or in progress then (its xip list), may not be numbered yet; all others are.
 LAST = """
 SELECT pg_snapshot_xmax(last)::text, ARRAY(SELECT pg_snapshot_xip(last)::text) FROM event_sequencer WHERE id = 1"""
-# $1 the last numbering's xmax, $2 its xip list (LAST). The session plans it
-# with these values (plan_cache_mode force_custom_plan), so that the index on
-# xact_id finds the few candidates instead of a scan of the journal.
+# $1 the last numbering's xmax, $2 its xip list (LAST). It must cost the few
+# candidates, never the journal's size: the candidates are found apart (a
+# materialized CTE, so no ordering by id can pull in a scan of the journal's
+# primary key), and the session (`connector`) plans the statement once (a
+# generic plan) with scans of whole tables and hash or merge joins turned off,
+# so the index on xact_id finds the candidates and each is looked up in
+# event_sequence by its entry id. A plan per poll cost up to 3 ms of planning
+# (PostgreSQL probing the xact_id index for its newest values) and, with the
+# statistics of a growing journal, chose to scan it.
 SEQUENCE = """
-WITH numbered AS (
+WITH candidates AS MATERIALIZED (
+    SELECT e.id FROM ledger_entries e WHERE e.xact_id >= $1::text::xid8 OR e.xact_id = ANY ($2::text[]::xid8[])
+), numbered AS (
     INSERT INTO event_sequence (seq, entry_id)
-    SELECT (SELECT COALESCE(MAX(seq), 0) FROM event_sequence) + row_number() OVER (ORDER BY e.id), e.id
-    FROM ledger_entries e
-    WHERE (e.xact_id >= $1::text::xid8 OR e.xact_id = ANY ($2::text[]::xid8[]))
-      AND NOT EXISTS (SELECT 1 FROM event_sequence q WHERE q.entry_id = e.id)
-    ORDER BY e.id
+    SELECT (SELECT COALESCE(MAX(seq), 0) FROM event_sequence) + row_number() OVER (ORDER BY c.id), c.id
+    FROM candidates c
+    WHERE NOT EXISTS (SELECT 1 FROM event_sequence q WHERE q.entry_id = c.id)
+    ORDER BY c.id
     RETURNING seq
 ), moved AS (
     UPDATE event_sequencer SET last = pg_current_snapshot() WHERE id = 1 AND EXISTS (SELECT 1 FROM numbered)
@@ -76,8 +83,16 @@ RECONNECT_ON = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.In
                 asyncpg.exceptions.InternalClientError)
 
 
-def connector(url: str, timeout: float = 5.0, application_name: str = "refund-sequencer"):
-    """A function that opens one asyncpg connection to the database at `url` (a SQLAlchemy URL)."""
+# The sequencer's session settings: see SEQUENCE.
+SEQUENCER_PLANS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off", "enable_hashjoin": "off",
+                   "enable_mergejoin": "off"}
+
+
+def connector(url: str, timeout: float = 5.0, application_name: str = "refund-sequencer",
+              settings: dict | None = None):
+    """A function that opens one asyncpg connection to the database at `url` (a
+    SQLAlchemy URL), with the sequencer's session `settings` unless others are given."""
+    settings = SEQUENCER_PLANS if settings is None else settings
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
@@ -86,8 +101,7 @@ def connector(url: str, timeout: float = 5.0, application_name: str = "refund-se
         return asyncpg.connect(host=parsed.host or "127.0.0.1", port=parsed.port or 5432, user=parsed.username,
                                password=parsed.password, database=parsed.database, timeout=timeout,
                                command_timeout=timeout,
-                               server_settings={"application_name": application_name,
-                                                "plan_cache_mode": "force_custom_plan"})
+                               server_settings={"application_name": application_name, **settings})
 
     return connect
 

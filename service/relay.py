@@ -116,7 +116,8 @@ class Relay:
                  source: str = "/refund-gateway/refund-service", db_timeout: float = 5.0):
         self.database_url, self.nats_url, self.prefix, self.name = database_url, nats_url, prefix, name
         self.source = source
-        self._connect = outbox.connector(database_url, db_timeout, application_name="refund-relay")
+        self._connect = outbox.connector(database_url, db_timeout, application_name="refund-relay",
+                                         settings={"plan_cache_mode": "force_custom_plan"})
         self._stop = asyncio.Event()
         self.leader = False
         LEADER.labels(name).set(0)
