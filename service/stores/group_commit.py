@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -102,7 +103,8 @@ class GroupCommit:
         if not waiting:
             del self._running[lane]
             return
-        task = asyncio.get_running_loop().create_task(self._drain(lane))
+        # A context of its own: the batches belong to no one caller's request (its id, its trace).
+        task = asyncio.get_running_loop().create_task(self._drain(lane), context=contextvars.Context())
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 

@@ -5,6 +5,7 @@ commits, is rolled back, fails, or its caller gives up."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import Counter
 
 import pytest
@@ -280,3 +281,33 @@ def test_a_limit_of_one_or_two_still_answers_everyone(limit):
     group = GroupCommit(database.alone, database.together, limit=limit)
     calls = [("S", (1, order)) for order in range(5)]
     assert run(storm(group, database, calls)) == calls
+
+
+def test_a_batch_runs_in_no_callers_context():
+    """The drain that runs a batch is not the first caller's task: it must not
+    carry that caller's request id (or trace) into the other callers' statements."""
+    request_id = contextvars.ContextVar("request_id", default=None)
+    seen = []
+
+    async def together(statement, many):
+        seen.append(request_id.get())
+        return [(statement, args) for args in many]
+
+    database = FakeDatabase()
+    group = GroupCommit(database.alone, together)
+
+    async def call(order):
+        request_id.set(f"req-{order}")
+        return await group.run(1, "S", (1, order))
+
+    async def main():
+        database.gate = asyncio.Event()
+        first = asyncio.ensure_future(call(0))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(call(order)) for order in (1, 2)]
+        await asyncio.sleep(0)
+        database.gate.set()
+        return await asyncio.gather(first, *rest)
+
+    assert run(main()) == [("S", (1, 0)), ("S", (1, 1)), ("S", (1, 2))]
+    assert seen == [None]
