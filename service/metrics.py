@@ -8,6 +8,9 @@ Metrics (served on --metrics-listen, see docs/operations.md):
     refund_service_rpc_duration_seconds{method}          time from call to answer (histogram)
     refund_service_rpcs_in_flight                        calls being served now
     refund_service_database_errors_total{kind}           database unreachable / too slow (answered 9001)
+    refund_service_refund_batches_total                  PostgreSQL: transactions that applied refunds together
+    refund_service_refunds_batched_total                 PostgreSQL: refunds applied in such a transaction
+    refund_service_refund_batches_rolled_back_total      PostgreSQL: batches rolled back, their refunds run one by one
 
 The servicer tells the interceptor the outcome of a call with `note_outcome`
 (the response code is known there, not from the status code alone).
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from service import telemetry, tracing
 
@@ -43,6 +47,34 @@ DURATION = Histogram("refund_service_rpc_duration_seconds", "Seconds from receiv
 IN_FLIGHT = Gauge("refund_service_rpcs_in_flight", "gRPC calls being served")
 DATABASE_ERRORS = Counter("refund_service_database_errors",
                           "Database calls that failed or timed out (answered 9001 SERVICE_UNAVAILABLE)", ["kind"])
+
+
+class _GroupCommitCollector:
+    """The PostgreSQL store's group commit (service/stores/group_commit.py), read
+    when scraped: it counts for itself, nothing is added to the refund path."""
+
+    group = None  # the store's GroupCommit; none on SQLite
+
+    def collect(self):
+        if self.group is None:
+            return
+        yield CounterMetricFamily("refund_service_refund_batches",
+                                  "PostgreSQL transactions that applied two or more refunds together (group commit)",
+                                  value=self.group.batches)
+        yield CounterMetricFamily("refund_service_refunds_batched", "Refunds applied in such a transaction",
+                                  value=self.group.batched)
+        yield CounterMetricFamily("refund_service_refund_batches_rolled_back",
+                                  "Batches PostgreSQL rolled back as a whole; their refunds then ran one by one",
+                                  value=self.group.rolled_back)
+
+
+_GROUP_COMMIT = _GroupCommitCollector()
+prometheus_client.REGISTRY.register(_GROUP_COMMIT)
+
+
+def watch_group_commit(group) -> None:
+    """Export `group`'s counts (the store's group commit) from now on."""
+    _GROUP_COMMIT.group = group
 
 
 @dataclass

@@ -129,6 +129,7 @@ async def _serve(args, store, tls, waiting: bool) -> int:
     if args.metrics_listen:
         try:
             metrics_address = metrics.serve_metrics(args.metrics_listen)
+            metrics.watch_group_commit(getattr(store, "group_commit", None))
         except (OSError, ValueError) as exc:
             return startup.refuse(log, StartupError(f"cannot serve metrics on {args.metrics_listen}: {exc}",
                                                     startup.EXIT_FAULT))

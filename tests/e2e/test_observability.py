@@ -201,3 +201,33 @@ def test_the_edge_and_the_service_expose_prometheus_metrics(gateway):
 def test_the_service_serves_no_metrics_unless_asked(sqlite_url, start_service):
     service = start_service(sqlite_url)
     assert "metrics on" not in service.output()
+
+
+@pytest.mark.postgres
+def test_the_service_counts_its_group_commits_on_postgresql(postgres_url, start_service):
+    """Refunds of one merchant sent at once go to PostgreSQL in batches, and the
+    metrics say how many batches and how many refunds were in them."""
+    import concurrent.futures
+
+    from tests.support import data
+
+    merchant = 3600001
+    data.load(postgres_url, [data.merchant(merchant, balances={"HKD": "1000.00"})],
+              [data.order(order_id, merchant, "1.00") for order_id in range(1, 61)])
+    service = start_service(postgres_url, "--metrics-listen", "127.0.0.1:0", "--db-lanes", "1")
+    with grpc.insecure_channel(service.address) as channel:
+        stub = refund_pb2_grpc.RefundServiceStub(channel)
+
+        def refund(order_id):
+            return stub.Refund(refund_pb2.RefundRequest(merchant_id=str(merchant), order_id=order_id, amount="1.00"),
+                               timeout=30).response_code
+
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            codes = list(pool.map(refund, range(1, 61)))
+    assert codes == ["0000"] * 60
+    text = metrics_text(_metrics_url(service))
+    batches, batched = sample(text, "refund_service_refund_batches_total"), \
+        sample(text, "refund_service_refunds_batched_total")
+    assert batches >= 1 and batched >= 2 * batches and batched <= 60
+    assert sample(text, "refund_service_refund_batches_rolled_back_total") == 0
+    assert sample(text, "refund_service_refunds_total", method="Refund", response_code="0000") == 60
