@@ -9,7 +9,7 @@ Metrics (served on --metrics-listen, see docs/operations.md):
     refund_service_rpcs_in_flight                        calls being served now
     refund_service_database_errors_total{kind}           database unreachable / too slow (answered 9001)
     refund_service_refund_batches_total                  PostgreSQL: transactions that applied refunds together
-    refund_service_refunds_batched_total                 PostgreSQL: refunds applied in such a transaction
+    refund_service_refunds_batched_total                 PostgreSQL: refund attempts run in such a transaction
     refund_service_refund_batches_rolled_back_total      PostgreSQL: batches rolled back, their refunds run one by one
 
 The servicer tells the interceptor the outcome of a call with `note_outcome`
@@ -61,7 +61,8 @@ class _GroupCommitCollector:
         yield CounterMetricFamily("refund_service_refund_batches",
                                   "PostgreSQL transactions that applied two or more refunds together (group commit)",
                                   value=self.group.batches)
-        yield CounterMetricFamily("refund_service_refunds_batched", "Refunds applied in such a transaction",
+        yield CounterMetricFamily("refund_service_refunds_batched",
+                                  "Refund attempts (approved or found to decline) run in such a transaction",
                                   value=self.group.batched)
         yield CounterMetricFamily("refund_service_refund_batches_rolled_back",
                                   "Batches PostgreSQL rolled back as a whole; their refunds then ran one by one",
