@@ -123,7 +123,7 @@ def test_merchants_sharing_a_lane_share_batches_and_each_refund_keeps_its_answer
     load(postgres_url, "1000.00")
     commands = [domain.RefundCommand(MERCHANT, o, None, "10.00") for o in range(1, 26)] + \
         [domain.RefundCommand(OTHER, 1000 + o, None, "10.00") for o in range(1, 6)]
-    commands = [commands[i] for i in sorted(range(30), key=lambda i: (i % 6, i))]  # the two interleaved
+    commands = [commands[i] for i in sorted(range(30), key=lambda i: (i % 6, i))]  # the two merchants mixed
     results, group = storm(postgres_url, commands, lanes=lanes)
 
     assert group.batched >= 2
