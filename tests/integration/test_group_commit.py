@@ -1,0 +1,242 @@
+"""Group commit (service/stores/group_commit.py) on both stores: refunds that
+arrive together are applied in one transaction, each still with every guard,
+its audit row and its journal entry; a batch the database rolls back is run
+again refund by refund, and never half of it survives."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+
+from service import db, domain
+from service.stores import open_store
+from service.usecases import refunds
+from tests.support import data
+from tests.support.data import admin, balance_of
+from tests.support.ledger import check_ledger
+
+MERCHANT, OTHER = 3400001, 3400002
+ORDERS = 60
+
+
+def storm(url: str, commands: list[domain.RefundCommand], lanes: int = 2):
+    """Every command at once through one store; (results, the store's group commit)."""
+    async def main():
+        store = await open_store(url, lanes=lanes)
+        try:
+            results = await asyncio.gather(*(refunds.refund(store, c) for c in commands))
+            return results, store.group_commit
+        finally:
+            await store.close()
+    return asyncio.run(main())
+
+
+def load(url: str, balance: str) -> None:
+    data.load(url, [data.merchant(MERCHANT, balances={"HKD": balance}),
+                    data.merchant(OTHER, balances={"HKD": "1000.00"})],
+              [data.order(order_id, MERCHANT, "10.00") for order_id in range(1, ORDERS + 1)]
+              + [data.order(1000 + order_id, OTHER, "10.00") for order_id in range(1, 6)])
+
+
+def test_one_merchants_storm_is_batched_and_every_refund_still_guarded(database_url):
+    """60 refunds of one merchant at once, with a balance for 45 of them: they go
+    in batches, 45 are approved, 15 declined for the balance, nothing twice,
+    and the journal still adds up (refund-admin verify)."""
+    load(database_url, "450.00")
+    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, ORDERS + 1)]
+    results, group = storm(database_url, commands)
+
+    codes = Counter(r.code for r in results)
+    assert codes == {domain.ResponseCode.SUCCESS: 45, domain.ResponseCode.INSUFFICIENT_BALANCE: 15}
+    assert group.batches >= 1 and group.batched >= 2, "the storm formed no batch"
+    assert group.rolled_back == 0
+    for command, result in zip(commands, results, strict=True):
+        assert result.order.id == command.order_id  # each caller got its own refund's answer
+    assert balance_of(database_url, MERCHANT, "HKD") == 0
+    check_ledger(database_url, {(MERCHANT, "HKD"): 45000, (OTHER, "HKD"): 100000})
+    assert "the ledger holds" in admin(database_url, "verify")
+
+
+def test_the_same_order_many_times_in_one_batch_is_refunded_once(database_url):
+    """Duplicates of one order in one batch see each other's writes: one
+    approval, the rest answer that the order was already refunded."""
+    load(database_url, "1000.00")
+    commands = [domain.RefundCommand(MERCHANT, 1, None, "10.00")] + \
+        [domain.RefundCommand(MERCHANT, 2, None, "10.00") for _ in range(12)]
+    results, group = storm(database_url, commands)
+
+    assert group.batched >= 2
+    codes = Counter(r.code for r in results[1:])
+    assert codes == {domain.ResponseCode.SUCCESS: 1, domain.ResponseCode.ALREADY_REFUNDED: 11}
+    refund_ids = {r.transaction.id for r in results[1:]}
+    assert len(refund_ids) == 1  # every answer names the one refund
+    assert balance_of(database_url, MERCHANT, "HKD") == 100000 - 2000
+    assert "the ledger holds" in admin(database_url, "verify")
+
+
+@pytest.mark.postgres
+def test_a_batch_rolled_back_by_postgresql_is_run_again_one_by_one_and_never_half_kept(postgres_url):
+    """A trigger makes the first batch of three or more fail on its third refund's audit row:
+    PostgreSQL rolls the whole batch back, so the two refunds before it must
+    not be kept; each refund then runs alone and is approved exactly once."""
+    load(postgres_url, "1000.00")
+    engine = db.make_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE audit_rows_seen (xact xid8)"))
+        connection.execute(sa.text("CREATE SEQUENCE failures"))
+        connection.execute(sa.text("""
+            CREATE FUNCTION fail_one_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                -- the third audit row of one transaction, i.e. of a batch, fails once
+                -- (the sequence is not rolled back with it)
+                INSERT INTO audit_rows_seen VALUES (pg_current_xact_id());
+                IF (SELECT count(*) FROM audit_rows_seen WHERE xact = pg_current_xact_id()) = 3
+                   AND nextval('failures') = 1 THEN
+                    RAISE EXCEPTION 'injected' USING ERRCODE = 'unique_violation';
+                END IF;
+                RETURN NEW;
+            END $$"""))
+        connection.execute(sa.text("CREATE TRIGGER fail_one_batch BEFORE INSERT ON refund_attempts "
+                                   "FOR EACH ROW EXECUTE FUNCTION fail_one_batch()"))
+    engine.dispose()
+    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 21)]
+    results, group = storm(postgres_url, commands)
+
+    assert group.rolled_back == 1
+    assert [r.code for r in results] == [domain.ResponseCode.SUCCESS] * 20
+    assert balance_of(postgres_url, MERCHANT, "HKD") == 100000 - 20 * 1000
+    ledger = check_ledger(postgres_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
+    assert sorted(ledger.refunds) == list(range(1, 21))
+    assert all(len(made) == 1 for made in ledger.refunds.values())
+    assert "the ledger holds" in admin(postgres_url, "verify")
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_merchants_sharing_a_lane_share_batches_and_each_refund_keeps_its_answer(database_url, lanes):
+    """With one lane both merchants' refunds go in the same batches (in merchant
+    order); with two, each merchant has its own lane. Either way each caller
+    gets its own refund, and each balance only its own debits."""
+    load(database_url, "1000.00")
+    commands = [domain.RefundCommand(MERCHANT, o, None, "10.00") for o in range(1, 26)] + \
+        [domain.RefundCommand(OTHER, 1000 + o, None, "10.00") for o in range(1, 6)]
+    commands = [commands[i] for i in sorted(range(30), key=lambda i: (i % 6, i))]  # the two merchants mixed
+    results, group = storm(database_url, commands, lanes=lanes)
+
+    assert group.batched >= 2
+    assert all(r.code is domain.ResponseCode.SUCCESS for r in results)
+    assert [(r.order.merchant_id, r.order.id) for r in results] == [(c.merchant_id, c.order_id) for c in commands]
+    assert balance_of(database_url, MERCHANT, "HKD") == 100000 - 25 * 1000
+    assert balance_of(database_url, OTHER, "HKD") == 100000 - 5 * 1000
+    assert "the ledger holds" in admin(database_url, "verify")
+
+
+def test_a_sqlite_batch_that_fails_is_run_again_one_by_one_and_never_half_kept(sqlite_url, monkeypatch):
+    """The second refund of SQLite's first batch fails on a constraint: the
+    batch's write transaction is rolled back whole (the refund before it in the
+    batch is not kept), and each refund then runs alone, approved once."""
+    import sqlite3
+
+    from service.stores import sqlite as sqlite_store
+
+    load(sqlite_url, "1000.00")
+    insert_refund, apply_many = sqlite_store._insert_refund, sqlite_store.SqliteStore._apply_many
+    calls = {"in batch": 0, "failed": False}
+
+    def failing_insert(db, *args):
+        if calls["batching"]:
+            calls["in batch"] += 1
+            if calls["in batch"] == 2 and not calls["failed"]:
+                calls["failed"] = True
+                raise sqlite3.IntegrityError("injected")
+        return insert_refund(db, *args)
+
+    def batching(connection, many):
+        calls["batching"] = True
+        try:
+            return apply_many(connection, many)
+        finally:
+            calls["batching"] = False
+
+    calls["batching"] = False
+    monkeypatch.setattr(sqlite_store, "_insert_refund", failing_insert)
+    monkeypatch.setattr(sqlite_store.SqliteStore, "_apply_many", staticmethod(batching))
+    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 21)]
+    results, group = storm(sqlite_url, commands)
+
+    assert calls["failed"] and group.rolled_back == 1
+    assert [r.code for r in results] == [domain.ResponseCode.SUCCESS] * 20
+    ledger = check_ledger(sqlite_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
+    assert sorted(ledger.refunds) == list(range(1, 21))
+    assert all(len(made) == 1 for made in ledger.refunds.values())
+    assert "the ledger holds" in admin(sqlite_url, "verify")
+
+
+def test_in_a_batch_a_refund_whose_key_was_revoked_writes_nothing_and_the_others_are_applied(database_url):
+    """Each refund of a batch is checked against its own credentials: those
+    signed with a key revoked before the apply write nothing (the use case then
+    authenticates afresh), the others in the same batch are applied."""
+    from service.stores.port import SignedBy
+    from tests.support.data import deactivate_key, insert_key_directly
+    from tests.support.keys import generated_key, public_pem
+
+    load(database_url, "1000.00")
+    insert_key_directly(database_url, MERCHANT, "old", public_pem(generated_key("old")))
+    insert_key_directly(database_url, MERCHANT, "new", public_pem(generated_key("new")))
+    deactivate_key(database_url, MERCHANT, "old")
+
+    async def main():
+        store = await open_store(database_url)
+        try:
+            return await asyncio.gather(*(
+                refunds.refund(store, domain.RefundCommand(MERCHANT, order_id, None, "10.00"),
+                               SignedBy("old" if order_id % 3 == 0 else "new"))
+                for order_id in range(1, 25)))
+        finally:
+            await store.close()
+
+    results = asyncio.run(main())
+    for order_id, result in zip(range(1, 25), results, strict=True):
+        if order_id % 3 == 0:
+            assert result is None, order_id  # nothing written: authenticate afresh
+        else:
+            assert result.code is domain.ResponseCode.SUCCESS, order_id
+    ledger = check_ledger(database_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
+    assert sorted(ledger.refunds) == [o for o in range(1, 25) if o % 3]
+    assert "the ledger holds" in admin(database_url, "verify")
+
+
+def test_sqlite_applies_in_one_transaction_check_each_refunds_own_key_and_state(sqlite_url):
+    """SQLite's batch of applies (SqliteStore._apply_many): a refund whose key
+    was revoked since its read, or whose order was refunded since, is left out
+    (nothing of it written, its own answer); the others in the batch are applied."""
+    from service.stores.port import Interrupted, SignedBy
+    from tests.support.data import deactivate_key, insert_key_directly
+    from tests.support.keys import generated_key, public_pem
+
+    load(sqlite_url, "1000.00")
+    insert_key_directly(sqlite_url, MERCHANT, "old", public_pem(generated_key("old")))
+    insert_key_directly(sqlite_url, MERCHANT, "new", public_pem(generated_key("new")))
+    signers = {1: "new", 2: "old", 3: "new", 4: "new"}
+    commands = {o: domain.RefundCommand(MERCHANT, o, None, "10.00") for o in (1, 2, 3, 4)}
+
+    async def main():
+        store = await open_store(sqlite_url)
+        try:
+            snapshots = {o: await store.read_snapshot(c) for o, c in commands.items()}
+            deactivate_key(sqlite_url, MERCHANT, "old")  # revoked after the read
+            await refunds.refund(store, commands[3])  # refunded after the read
+            many = [(commands[o], domain.decide(commands[o], snapshots[o]), snapshots[o], SignedBy(signers[o]), None)
+                    for o in (1, 2, 3, 4)]
+            return await store._run(store._apply_many, many)
+        finally:
+            await store.close()
+
+    first, second, third, fourth = asyncio.run(main())
+    assert isinstance(first, domain.Transaction) and isinstance(fourth, domain.Transaction)
+    assert (second, third) == (Interrupted.CREDENTIALS_CHANGED, Interrupted.STATE_MOVED)
+    ledger = check_ledger(sqlite_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
+    assert sorted(ledger.refunds) == [1, 3, 4] and all(len(made) == 1 for made in ledger.refunds.values())
+    assert "the ledger holds" in admin(sqlite_url, "verify")
