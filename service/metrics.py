@@ -8,9 +8,9 @@ Metrics (served on --metrics-listen, see docs/operations.md):
     refund_service_rpc_duration_seconds{method}          time from call to answer (histogram)
     refund_service_rpcs_in_flight                        calls being served now
     refund_service_database_errors_total{kind}           database unreachable / too slow (answered 9001)
-    refund_service_refund_batches_total                  PostgreSQL: transactions that applied refunds together
-    refund_service_refunds_batched_total                 PostgreSQL: refund attempts run in such a transaction
-    refund_service_refund_batches_rolled_back_total      PostgreSQL: batches rolled back, their refunds run one by one
+    refund_service_refund_batches_total                  database transactions that applied refunds together
+    refund_service_refunds_batched_total                 refund attempts run in such a transaction
+    refund_service_refund_batches_rolled_back_total      batches rolled back, their refunds run one by one
 
 The servicer tells the interceptor the outcome of a call with `note_outcome`
 (the response code is known there, not from the status code alone).
@@ -50,22 +50,22 @@ DATABASE_ERRORS = Counter("refund_service_database_errors",
 
 
 class _GroupCommitCollector:
-    """The PostgreSQL store's group commit (service/stores/group_commit.py), read
-    when scraped: it counts for itself, nothing is added to the refund path."""
+    """The store's group commit (service/stores/group_commit.py), read when
+    scraped: it counts for itself, nothing is added to the refund path."""
 
-    group = None  # the store's GroupCommit; none on SQLite
+    group = None  # the store's GroupCommit
 
     def collect(self):
         if self.group is None:
             return
         yield CounterMetricFamily("refund_service_refund_batches",
-                                  "PostgreSQL transactions that applied two or more refunds together (group commit)",
+                                  "Database transactions that applied two or more refunds together (group commit)",
                                   value=self.group.batches)
         yield CounterMetricFamily("refund_service_refunds_batched",
                                   "Refund attempts (approved or found to decline) run in such a transaction",
                                   value=self.group.batched)
         yield CounterMetricFamily("refund_service_refund_batches_rolled_back",
-                                  "Batches PostgreSQL rolled back as a whole; their refunds then ran one by one",
+                                  "Batches the database rolled back as a whole; their refunds then ran one by one",
                                   value=self.group.rolled_back)
 
 

@@ -1,4 +1,4 @@
-"""Group commit for refunds on PostgreSQL.
+"""Group commit for refunds: PostgreSQL's refund statements, SQLite's applies.
 
 Every refund is a small transaction: PostgreSQL pays for each one's snapshot,
 commit and flush, and for the round trip, and under load many backends contend
@@ -28,6 +28,10 @@ A batch commits or rolls back as a whole:
 
 No refund is answered before its batch's commit returned, so an answered
 refund is durable like any other.
+
+SQLite (service/stores/sqlite.py) uses it with one lane (one writer) for its
+applies: a batch is one trip to its database thread and one BEGIN IMMEDIATE,
+each apply under a savepoint of its own.
 """
 
 from __future__ import annotations
