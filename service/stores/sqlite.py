@@ -8,8 +8,9 @@ before reading, and other processes on the same file (refund-admin) wait on
 in one call and applied in another, guarded like PostgreSQL's: the order is
 marked only in the status that was read, the balance debited only while it
 covers the amount; behind them stand the unique refund index and the balance check.
-Applies that arrive while one runs go to the thread together (group_commit.py):
-one BEGIN IMMEDIATE for all of them, each under a savepoint of its own.
+Reads and applies that arrive while one runs go to the thread together
+(group_commit.py): reads in one trip, applies in one trip and one BEGIN
+IMMEDIATE, each under a savepoint of its own.
 
 A little over 400 lines: one adapter, every method of the port (refund steps,
 queries, idempotency, sales, settlements) in one place, as in postgres.py.
@@ -129,7 +130,7 @@ class _WriteTransaction:
         return False
 
 
-_APPLY = "apply"  # the one kind of work group_commit batches here
+_APPLY, _READ = "apply", "read"  # the kinds of work batched here (group_commit)
 
 
 class SqliteStore:
@@ -142,6 +143,9 @@ class SqliteStore:
         # trip to the thread and one write transaction (_apply_many).
         self.group_commit = GroupCommit(self._apply_alone, self._apply_together, lanes=1,
                                         stopped=lambda: StoreUnavailable("closing"))
+        # The refunds' reads likewise: those that arrive while one runs go in one trip.
+        self.reads = GroupCommit(self._read_alone, self._read_together, lanes=1,
+                                 stopped=lambda: StoreUnavailable("closing"))
 
     @classmethod
     def open(cls, url: str, *, command_timeout: float = 5.0, **_ignored) -> SqliteStore:
@@ -169,8 +173,19 @@ class SqliteStore:
     # -- refunds: the steps of service/usecases/refunds.py --------------------
 
     async def try_refund(self, command: domain.RefundCommand, signed_by: SignedBy | None) -> Attempt:
-        """SQLite has no one-statement refund: check the credentials and read the snapshot."""
-        return await self._run(self._try_refund, command, signed_by)
+        """SQLite has no one-statement refund: check the credentials and read the
+        snapshot (with the reads that arrive meanwhile, in one trip to the thread)."""
+        return await self.reads.run(command.merchant_id, _READ, (command, signed_by))
+
+    async def _read_alone(self, _statement, args) -> Attempt:
+        return await self._run(self._try_refund, *args)
+
+    async def _read_together(self, _statement, many: list[tuple]) -> list[Attempt]:
+        return await self._run(self._try_many, many)
+
+    @classmethod
+    def _try_many(cls, db: sqlite3.Connection, many: list[tuple]) -> list[Attempt]:
+        return [cls._try_refund(db, command, signed_by) for command, signed_by in many]
 
     @classmethod
     def _try_refund(cls, db: sqlite3.Connection, command: domain.RefundCommand, signed_by: SignedBy | None) -> Attempt:
@@ -415,6 +430,7 @@ class SqliteStore:
             db.close()
 
         await self.group_commit.close()
+        await self.reads.close()
         if self._connection is not None:
             await self._run(_close)
             self._connection = None

@@ -240,3 +240,26 @@ def test_sqlite_applies_in_one_transaction_check_each_refunds_own_key_and_state(
     ledger = check_ledger(sqlite_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
     assert sorted(ledger.refunds) == [1, 3, 4] and all(len(made) == 1 for made in ledger.refunds.values())
     assert "the ledger holds" in admin(sqlite_url, "verify")
+
+
+def test_sqlite_reads_that_arrive_together_go_in_one_trip_and_each_gets_its_own_snapshot(sqlite_url):
+    """SQLite's refund reads are batched too (SqliteStore.reads): each refund of
+    a storm still reads its own order, and is decided and applied on it."""
+    load(sqlite_url, "1000.00")
+    commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 31)] + \
+        [domain.RefundCommand(MERCHANT, 999, None, "10.00"), domain.RefundCommand(OTHER, 1001, None, "10.00")]
+
+    async def main():
+        store = await open_store(sqlite_url)
+        try:
+            results = await asyncio.gather(*(refunds.refund(store, c) for c in commands))
+            return results, store.reads
+        finally:
+            await store.close()
+
+    results, reads = asyncio.run(main())
+    assert reads.batches >= 1 and reads.batched >= 2
+    assert [r.code for r in results] == [domain.ResponseCode.SUCCESS] * 30 + \
+        [domain.ResponseCode.ORDER_NOT_FOUND, domain.ResponseCode.SUCCESS]
+    assert [r.order.id for r in results if r.order] == [*range(1, 31), 1001]
+    assert "the ledger holds" in admin(sqlite_url, "verify")
