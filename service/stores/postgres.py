@@ -92,6 +92,10 @@ _UNAVAILABLE = (
 )
 
 
+# Times a refund statement alone runs when PostgreSQL keeps rolling it back.
+ROLLED_BACK_RETRIES = 3
+
+
 def _order(row) -> domain.Order:
     return domain.Order(*row[:9])
 
@@ -195,8 +199,17 @@ class PostgresStore:
         return Attempt(applied=domain.RefundResult(domain.ResponseCode.SUCCESS, "SUCCESS", order, refund))
 
     async def _refund_alone(self, statement: str, args: tuple):
+        """The statement's row. PostgreSQL may roll it back as a deadlock victim: a
+        batch of another process holds the balance row and waits for this
+        statement's order (the same order asked twice at once). Rolled back, it
+        wrote nothing, so it runs again (at most ROLLED_BACK_RETRIES times)."""
         async with self._connection() as conn:
-            return await conn.fetchrow(statement, *args)
+            for attempt in range(1, ROLLED_BACK_RETRIES + 1):
+                try:
+                    return await conn.fetchrow(statement, *args)
+                except asyncpg.TransactionRollbackError:
+                    if attempt == ROLLED_BACK_RETRIES:
+                        raise
 
     async def _refunds_together(self, statement: str, many: list[tuple]):
         """The rows of `statement` run once per args, in one transaction and one

@@ -263,3 +263,36 @@ def test_sqlite_reads_that_arrive_together_go_in_one_trip_and_each_gets_its_own_
         [domain.ResponseCode.ORDER_NOT_FOUND, domain.ResponseCode.SUCCESS]
     assert [r.order.id for r in results if r.order] == [*range(1, 31), 1001]
     assert "the ledger holds" in admin(sqlite_url, "verify")
+
+
+@pytest.mark.postgres
+def test_a_refund_statement_chosen_as_deadlock_victim_runs_again_and_is_approved(postgres_url):
+    """A batch of another process can hold the balance row and wait for an order
+    whose refund statement, alone here, waits for that balance row. PostgreSQL
+    rolls one back; when it is the statement alone, it wrote nothing and runs
+    again: the caller gets its approval, not UNAVAILABLE."""
+    import asyncpg
+
+    load(postgres_url, "1000.00")
+    url = sa.make_url(postgres_url)
+
+    async def main():
+        other = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
+        store = await open_store(postgres_url)
+        try:
+            await other.execute("SET deadlock_timeout = '10s'")  # this side waits: the statement is the victim
+            await other.execute("BEGIN")
+            await other.execute("UPDATE balances SET unsettled = unsettled WHERE merchant_id = $1", MERCHANT)
+            refund = asyncio.ensure_future(refunds.refund(store, domain.RefundCommand(MERCHANT, 7, None, "10.00")))
+            await asyncio.sleep(0.5)  # the statement has marked order 7 and waits for the balance row
+            await other.execute("UPDATE orders SET update_time = update_time WHERE id = 7")  # the cycle
+            await other.execute("ROLLBACK")
+            return await asyncio.wait_for(refund, 20)
+        finally:
+            await other.close()
+            await store.close()
+
+    result = asyncio.run(main())
+    assert result.code is domain.ResponseCode.SUCCESS
+    assert balance_of(postgres_url, MERCHANT, "HKD") == 100000 - 1000
+    assert "the ledger holds" in admin(postgres_url, "verify")
