@@ -217,7 +217,8 @@ class SqliteStore:
                                            (command, decision, snapshot, signed_by, telemetry.REQUEST_ID.get()))
 
     async def _apply_alone(self, _statement, args) -> domain.Transaction | Interrupted:
-        return await self._run(self._apply_refund, *args)
+        [result] = await self._run(self._apply_many, [args])
+        return result
 
     async def _apply_together(self, _statement, many: list[tuple]) -> list | None:
         """Each apply's result, in one write transaction; None when it was rolled
@@ -229,8 +230,9 @@ class SqliteStore:
 
     @staticmethod
     def _apply_many(connection: sqlite3.Connection, many: list[tuple]) -> list:
-        """What _apply_refund does for each of `many`, in one transaction: an apply
-        whose order or balance moved is rolled back to its own savepoint."""
+        """Apply each of `many` in one write transaction: one whose credentials no
+        longer hold writes nothing, one whose order or balance moved since its read
+        is rolled back to its own savepoint."""
         results = []
         with _WriteTransaction(connection) as db:
             for command, decision, snapshot, signed_by, request_id in many:
@@ -245,19 +247,6 @@ class SqliteStore:
                     results.append(Interrupted.STATE_MOVED)
                 db.execute("RELEASE one_refund")
         return results
-
-    @staticmethod
-    def _apply_refund(connection: sqlite3.Connection, command: domain.RefundCommand, decision: domain.Decision,
-                      snapshot: domain.OrderSnapshot, signed_by: SignedBy | None,
-                      request_id: str | None) -> domain.Transaction | Interrupted:
-        order, now = snapshot.order, utc_now()
-        try:
-            with _WriteTransaction(connection) as db:
-                if signed_by is not None and not _credentials_hold(db, command.merchant_id, signed_by):
-                    return Interrupted.CREDENTIALS_CHANGED
-                return _insert_refund(db, command, decision, order, now, request_id)
-        except _StateMoved:  # leaving the block rolled back whatever it changed
-            return Interrupted.STATE_MOVED
 
     async def record_decline(self, command: domain.RefundCommand, decision: domain.Decision,
                              snapshot: domain.OrderSnapshot | None) -> None:

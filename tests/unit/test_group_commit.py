@@ -66,14 +66,20 @@ class FakeDatabase:
         return [(statement, args) for args in many]
 
 
-async def storm(group: GroupCommit, database: FakeDatabase, calls: list[tuple[str, tuple]]):
-    """Start the first call, let it reach the database (held at the gate), start
-    the rest, then open the gate: the rest are all waiting behind the first."""
+async def first_and_waiting(group: GroupCommit, database: FakeDatabase, calls: list[tuple[str, tuple]]):
+    """Start the first call and let it reach the database (held at the gate), then
+    start the rest: they are all waiting behind the first. (first, [the rest])."""
     database.gate = asyncio.Event()
     first = asyncio.ensure_future(group.run(calls[0][1][0], *calls[0]))
     await asyncio.sleep(0)
     rest = [asyncio.ensure_future(group.run(args[0], statement, args)) for statement, args in calls[1:]]
     await asyncio.sleep(0)
+    return first, rest
+
+
+async def storm(group: GroupCommit, database: FakeDatabase, calls: list[tuple[str, tuple]]):
+    """All of `calls` waiting behind the first, then the gate opened; every result."""
+    first, rest = await first_and_waiting(group, database, calls)
     database.gate.set()
     return await asyncio.gather(first, *rest, return_exceptions=True)
 
@@ -179,11 +185,7 @@ def test_a_caller_who_gives_up_while_waiting_is_left_out_and_the_others_are_answ
     group = GroupCommit(database.alone, database.together)
 
     async def main():
-        database.gate = asyncio.Event()
-        first = asyncio.ensure_future(group.run(1, "S", (1, 0)))
-        await asyncio.sleep(0)
-        waiting = [asyncio.ensure_future(group.run(1, "S", (1, order))) for order in range(1, 5)]
-        await asyncio.sleep(0)
+        first, waiting = await first_and_waiting(group, database, [("S", (1, order)) for order in range(5)])
         waiting[1].cancel()
         database.gate.set()
         return await asyncio.gather(first, *waiting, return_exceptions=True)
@@ -200,11 +202,7 @@ def test_when_the_first_caller_gives_up_those_waiting_behind_it_still_run():
     group = GroupCommit(database.alone, database.together)
 
     async def main():
-        database.gate = asyncio.Event()
-        first = asyncio.ensure_future(group.run(1, "S", (1, 0)))
-        await asyncio.sleep(0)
-        waiting = [asyncio.ensure_future(group.run(1, "S", (1, order))) for order in (1, 2)]
-        await asyncio.sleep(0)
+        first, waiting = await first_and_waiting(group, database, [("S", (1, order)) for order in range(3)])
         first.cancel()
         await asyncio.sleep(0)
         database.gate.set()
@@ -219,11 +217,7 @@ def test_close_answers_everyone_still_waiting_and_nothing_hangs():
     group = GroupCommit(database.alone, database.together, stopped=lambda: Lost("closing"))
 
     async def main():
-        database.gate = asyncio.Event()
-        first = asyncio.ensure_future(group.run(1, "S", (1, 0)))
-        await asyncio.sleep(0)
-        waiting = [asyncio.ensure_future(group.run(1, "S", (1, order))) for order in (1, 2)]
-        await asyncio.sleep(0)
+        first, waiting = await first_and_waiting(group, database, [("S", (1, order)) for order in range(3)])
         database.batch_gate = asyncio.Event()  # never set: the batch stays in the database
         database.gate.set()
         await first
