@@ -159,7 +159,7 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- connection -----------------------------------------------------------
 
     def connection_made(self, transport):
-        super().connection_made(transport)
+        super().connection_made(OneSendPerTick(transport, self.loop))
         if not self.guard.opened(self):
             self._refuse(self.guard.refusals.over_capacity)
             return
@@ -259,6 +259,45 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if not self.transport.is_closing():
             self.guard.idle(self)
+
+
+class OneSendPerTick:
+    """A transport whose writes within one turn of the event loop leave in one
+    send: uvicorn writes a response's head and its body separately, and each
+    send on a TCP socket is a system call and a trip through the network stack
+    (of this machine's both ends, on loopback). Everything else is the transport's."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport, loop):
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            data = b"".join(self._pending)
+            self._pending = None
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
 
 
 def guarded_protocol(limits: EdgeLimits, signer: ResponseSigner | None = None, *,
