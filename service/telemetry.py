@@ -85,10 +85,22 @@ def describe_exception(exc: BaseException) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+    _encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+    def __init__(self):
+        super().__init__()
+        self._second = (None, "")  # the last second formatted, and its text (one tuple: threads share it)
+
+    def _time(self, record: logging.LogRecord) -> str:
         seconds = int(record.created)
+        second = self._second
+        if second[0] != seconds:
+            second = self._second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+        return f"{second[1]}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname,
             "logger": record.name,
             "message": scrub(record.getMessage()),
@@ -102,7 +114,7 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = scrub(value) if isinstance(value, str) else value
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = describe_exception(record.exc_info[1])
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return self._encode(entry)
 
 
 def configure_logging(level: str = "info", stream=None) -> None:
