@@ -125,6 +125,10 @@ class EdgeApp:
         self._metrics_routes = {METRICS_PATH: {"GET": self._metrics, "HEAD": self._metrics}}
         self._durations = {path: edge_metrics.DURATION.labels(path)
                            for path in [*self._routes, *self._metrics_routes, "other"]}
+        self._requests = telemetry.MetricChildren(lambda key: edge_metrics.REQUESTS.labels(key[0], str(key[1])))
+        self._answers = {REFUND_PATH: telemetry.MetricChildren(edge_metrics.REFUNDS.labels),
+                         QUERY_PATH: telemetry.MetricChildren(edge_metrics.QUERIES.labels)}
+        self._backend_failures = telemetry.MetricChildren(edge_metrics.BACKEND_FAILURES.labels)
 
     # -- ASGI ---------------------------------------------------------------
 
@@ -189,15 +193,14 @@ class EdgeApp:
         path = scope["path"] if scope["path"] in self._routes or scope["path"] in self._metrics_routes else "other"
         self._durations[path].observe(elapsed)
         status = responder.status or 499  # 499: the client went away before an answer
-        edge_metrics.REQUESTS.labels(path, str(status)).inc()
+        self._requests[path, status].inc()
         code = responder.response_code
         if code is not None:
-            if path == REFUND_PATH:
-                edge_metrics.REFUNDS.labels(code.value).inc()
-            elif path == QUERY_PATH:
-                edge_metrics.QUERIES.labels(code.value).inc()
+            answers_of_path = self._answers.get(path)
+            if answers_of_path is not None:
+                answers_of_path[code.value].inc()
             if code in _BACKEND_FAILURES:
-                edge_metrics.BACKEND_FAILURES.labels(code.value).inc()
+                self._backend_failures[code.value].inc()
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         if log.isEnabledFor(level):
             fields = {"method": scope["method"], "path": path, "status": status,

@@ -129,6 +129,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         duration = DURATION.labels(method)
         level = logging.DEBUG if method in QUIET_METHODS else logging.INFO
         counts_refunds = method in REFUND_METHODS
+        rpcs = telemetry.MetricChildren(lambda code: RPCS.labels(method, code.name))  # by status code
+        refunds = telemetry.MetricChildren(lambda response_code: REFUNDS.labels(method, response_code))
 
         async def behaviour(request, context):
             request_id_token = telemetry.REQUEST_ID.set(_request_id(context))
@@ -147,9 +149,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 IN_FLIGHT.dec()
                 duration.observe(elapsed)
                 code = outcome.code or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
-                RPCS.labels(method, code.name).inc()
+                rpcs[code].inc()
                 if counts_refunds and outcome.response_code:
-                    REFUNDS.labels(method, outcome.response_code).inc()
+                    refunds[outcome.response_code].inc()
                 if tracing.ENABLED:
                     tracing.annotate(telemetry.REQUEST_ID.get(), outcome.response_code)
                 if log.isEnabledFor(level):

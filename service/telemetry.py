@@ -84,6 +84,20 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {'/'.join(path[-2:])}:{tb.tb_lineno}"
 
 
+class MetricChildren(dict):
+    """A Prometheus metric's children by label value, each looked up once (`labels()`
+    takes a lock and builds a key on every call): children[value].inc(). Only for
+    label values from a fixed set (codes, paths, statuses), never from a request."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        child = self[key] = self._make(key)
+        return child
+
+
 class JsonFormatter(logging.Formatter):
     _encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
