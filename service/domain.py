@@ -145,40 +145,44 @@ def minor_units_by_decimals(amount: str | Decimal) -> list[int | None]:
     index), None where to_minor would refuse the amount: what a refund can ask of
     the database before it knows the order's currency."""
     try:
-        value = parse_decimal(amount)
+        exact = _exact(parse_decimal(amount))
     except InvalidAmount:
         return [None] * (MAX_DECIMALS + 1)
-    units = []
-    for digits in range(MAX_DECIMALS + 1):
-        try:
-            units.append(_units(value, digits, "the currency"))
-        except InvalidAmount:
-            units.append(None)
-    return units
+    units = (_scaled(*exact, digits) for digits in range(MAX_DECIMALS + 1))
+    return [u if u is not None and u <= MAX_MINOR_UNITS else None for u in units]
 
 
 def _units(value: Decimal, digits: int, currency: str) -> int:
-    # Check the magnitude first so that 1e999999 never builds a huge integer,
-    # then work on the exact coefficient: Decimal arithmetic would round to
-    # 28 digits and could hide a stray decimal.
+    units = _scaled(*_exact(value), digits)
+    if units is None:
+        raise InvalidAmount(f"amount has more than {digits} decimals for {currency}")
+    if units > MAX_MINOR_UNITS:
+        raise InvalidAmount(f"amount is too large: at most {MAX_MINOR_UNITS} minor units")
+    return units
+
+
+def _exact(value: Decimal) -> tuple[int, int, int]:
+    """(coefficient, exponent, digits of the coefficient) of a non-negative `value`.
+    Checks the magnitude first so that 1e999999 never builds a huge integer; the
+    exact coefficient, because Decimal arithmetic would round to 28 digits and
+    could hide a stray decimal."""
     if value.adjusted() > 19:
         raise InvalidAmount("amount is too large")
     _, coefficient_digits, exponent = value.as_tuple()
     if len(coefficient_digits) > 40:
         raise InvalidAmount("amount has too many digits")
-    coefficient = int("".join(map(str, coefficient_digits)))
+    return int("".join(map(str, coefficient_digits))), exponent, len(coefficient_digits)
+
+
+def _scaled(coefficient: int, exponent: int, length: int, digits: int) -> int | None:
+    """coefficient x 10**exponent in units of 10**-digits; None when that leaves a fraction."""
     shift = exponent + digits
     if shift >= 0:
-        units = coefficient * 10**shift
-    elif -shift > len(coefficient_digits):  # e.g. 1e-999999999: a fraction of a minor unit
-        raise InvalidAmount(f"amount has more than {digits} decimals for {currency}")
-    else:
-        units, remainder = divmod(coefficient, 10**-shift)
-        if remainder:
-            raise InvalidAmount(f"amount has more than {digits} decimals for {currency}")
-    if units > MAX_MINOR_UNITS:
-        raise InvalidAmount(f"amount is too large: at most {MAX_MINOR_UNITS} minor units")
-    return units
+        return coefficient * 10**shift
+    if -shift > length:  # e.g. 1e-999999999: a fraction of a minor unit (and no huge power of ten)
+        return None
+    units, remainder = divmod(coefficient, 10**-shift)
+    return None if remainder else units
 
 
 def format_minor(units: int, currency: str) -> str:

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refund_wire import formats
 from service import domain
@@ -321,3 +323,21 @@ def test_a_fraction_of_a_unit_with_a_huge_exponent_is_refused_without_computing_
             assert answer.get(timeout=30) == "amount has more than 2 decimals for HKD"
         except multiprocessing.TimeoutError:
             pytest.fail("to_minor(Decimal('1e-999999999')) still running after 30 s")
+
+
+# Amount text as a merchant or an internal caller might send it: digits, a point, an
+# exponent, a sign, in any mix, and Decimals of any exponent.
+_AMOUNT_TEXT = st.from_regex(r"\A[-+]?[0-9]{0,25}(\.[0-9]{0,8})?([eE][-+]?[0-9]{1,3})?\Z", fullmatch=True)
+_AMOUNT_DECIMAL = st.builds(lambda coefficient, exponent: Decimal(coefficient).scaleb(exponent),
+                            st.integers(0, 10**30), st.integers(-12, 25))
+
+
+@given(st.one_of(_AMOUNT_TEXT, _AMOUNT_DECIMAL))
+def test_minor_units_by_decimals_agrees_with_to_minor_for_any_amount(amount):
+    by_decimals = minor_units_by_decimals(amount)
+    for digits, currency in ((domain.minor_units(c), c) for c in ("JPY", "HKD", "BHD", "CLF")):
+        try:
+            expected = to_minor(amount, currency)
+        except InvalidAmount:
+            expected = None
+        assert by_decimals[digits] == expected, currency
