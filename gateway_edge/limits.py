@@ -218,14 +218,16 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self._in_head and not self._refused and self._head_bytes > self.guard.limits.max_header_bytes:
-            self._refuse(self.guard.refusals.header_too_large, "header_too_large")
+        if self._in_head and not self._refused:
+            if self._head_bytes > self.guard.limits.max_header_bytes:
+                self._refuse(self.guard.refusals.header_too_large, "header_too_large")
+            else:  # a head is still coming: from now on it has header_timeout to end
+                self._arm_head_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_size = 0
-        self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
