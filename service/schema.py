@@ -78,6 +78,8 @@ orders = sa.Table(
         "status IN ('OPEN', 'SUCCESS', 'SETTLED', 'VOIDED', 'CLOSED', 'REFUNDED', 'PARTIALLY_REFUNDED')",
         name="ck_order_status",
     ),
+    # What a transaction's foreign key refers to (migration 0006).
+    sa.Index("uq_orders_id_merchant", "id", "merchant_id", unique=True),
     # Room on each page for the refund's status update to stay HOT (migration 0005).
     postgresql_with={"fillfactor": 90},
 )
@@ -86,8 +88,8 @@ transactions = sa.Table(
     "transactions",
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
-    sa.Column("order_id", sa.BigInteger, sa.ForeignKey("orders.id"), nullable=False),
-    sa.Column("merchant_id", sa.BigInteger, sa.ForeignKey("merchants.id"), nullable=False),
+    sa.Column("order_id", sa.BigInteger, nullable=False),
+    sa.Column("merchant_id", sa.BigInteger, nullable=False),
     sa.Column("type", sa.String(16), nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("amount", sa.BigInteger, nullable=False),
@@ -97,6 +99,10 @@ transactions = sa.Table(
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint("type IN ('SALE', 'REFUND')", name="ck_transaction_type"),
     sa.CheckConstraint("amount > 0", name="ck_transaction_amount_positive"),
+    # A transaction's merchant is its order's merchant (migration 0006): the database
+    # refuses one merchant's refund of another's order.
+    sa.ForeignKeyConstraint(["order_id", "merchant_id"], ["orders.id", "orders.merchant_id"],
+                            name="fk_transactions_order_merchant"),
     sa.Index(
         "uq_one_refund_per_order",
         "order_id",
