@@ -76,7 +76,9 @@ WITH candidates AS MATERIALIZED (
 ), moved AS (
     UPDATE event_sequencer SET last = pg_current_snapshot() WHERE id = 1 AND EXISTS (SELECT 1 FROM numbered)
 )
-SELECT COUNT(*) FROM numbered"""
+SELECT COUNT(*), pg_snapshot_xmax(pg_current_snapshot())::text,
+       ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text)
+FROM numbered"""
 
 # Errors after which the sequencer reconnects: the database went away or refused.
 RECONNECT_ON = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
@@ -146,12 +148,12 @@ class Sequencer:
                     await asyncio.sleep(STANDBY_POLL)
                 self.leader = True
                 log.info("event sequencer: numbering events")
-                last = await connection.fetchrow(LAST)
+                last = tuple(await connection.fetchrow(LAST))
                 while True:
-                    count = await connection.fetchval(SEQUENCE, *last)
-                    if count:
+                    count, *moved_to = await connection.fetchrow(SEQUENCE, *last)
+                    if count:  # the snapshot `moved` stored, as LAST would read it now (one statement fewer)
                         self.numbered += count
-                        last = await connection.fetchrow(LAST)
+                        last = tuple(moved_to)
                     await asyncio.sleep(BUSY_POLL if count else IDLE_POLL)
             except RECONNECT_ON as exc:
                 if pause == STANDBY_POLL:  # once per outage, not once per retry

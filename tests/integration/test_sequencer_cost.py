@@ -48,12 +48,16 @@ def test_numbering_reads_only_the_new_entries_of_a_large_journal(postgres_url, a
     async def number_twice():
         connection = await outbox.connector(postgres_url)()
         try:
-            counts = []
+            counts, moved_to = [], []
             for _ in range(2):  # the second run uses the session's one plan
                 last = await connection.fetchrow(outbox.LAST)
                 async with connection.transaction():
-                    numbered = await connection.fetchval(outbox.SEQUENCE, *last)
+                    numbered, *snapshot = await connection.fetchrow(outbox.SEQUENCE, *last)
                     counts.append((numbered, *await connection.fetchrow(COUNTERS)))
+                moved_to.append((tuple(snapshot), tuple(await connection.fetchrow(outbox.LAST))))
+            # what SEQUENCE returns is the snapshot it stored when it numbered something
+            # (the sequencer goes on from it without reading LAST)
+            assert moved_to[0][0] == moved_to[0][1]
             return counts
         finally:
             await connection.close()
