@@ -283,6 +283,14 @@ class OneSendPerTick:
         else:
             self._pending.append(data)
 
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
     def _flush(self) -> None:
         if self._pending is not None:
             data = b"".join(self._pending)
