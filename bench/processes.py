@@ -115,8 +115,9 @@ def start_service(url: str, env: dict | None = None, argv: list[str] | None = No
 
 def start_edge(target: str, env: dict | None = None, argv: list[str] | None = None, cwd: Path = ROOT) -> Process:
     # No rate limit: the load test is one merchant at thousands of requests a second.
-    return Process("edge", [*(argv or [str(BIN / "refund-edge")]), "--listen", "127.0.0.1:0", "--grpc-target", target,
-                            "--log-level", "warning"], r"refund-edge listening on (\S+)",
+    # Its log level is the default (info: one line per request), as the service's is.
+    return Process("edge", [*(argv or [str(BIN / "refund-edge")]), "--listen", "127.0.0.1:0", "--grpc-target", target],
+                   r"refund-edge listening on (\S+)",
                    {**_NO_TRACING, "REFUND_EDGE_RATE_LIMIT": "off", **(env or {})}, cwd=cwd)
 
 
