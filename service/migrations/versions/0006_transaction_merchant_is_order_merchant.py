@@ -17,10 +17,11 @@ row's page each time; refunds of one merchant in several transactions at once
 also made a multixact. The new check locks only the order's row, which the
 refund already holds.
 
-Upgrade, per database:
-- PostgreSQL adds the key NOT VALID, then validates it, so existing rows are
-  checked without blocking writes. A row whose merchant differs from its
-  order's stops the upgrade with an error that names the key.
+Upgrade, per database (one transaction: writes to orders and transactions wait
+until it commits):
+- PostgreSQL builds the index and adds the key, checking every existing
+  transaction. A row whose merchant differs from its order's stops the upgrade
+  with an error that names the key, and nothing changes.
 - SQLite cannot change a table's keys. The table is rebuilt with the new key,
   its rows copied (and so checked), and its indexes and triggers recreated from
   their own definitions.
@@ -61,8 +62,7 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == 'sqlite':
         _rebuild_sqlite_transactions(_ONE_KEY)
         return
-    op.execute(f'ALTER TABLE transactions ADD {_ONE_KEY} NOT VALID')
-    op.execute('ALTER TABLE transactions VALIDATE CONSTRAINT fk_transactions_order_merchant')
+    op.execute(f'ALTER TABLE transactions ADD {_ONE_KEY}')
     op.drop_constraint('transactions_order_id_fkey', 'transactions', type_='foreignkey')
     op.drop_constraint('transactions_merchant_id_fkey', 'transactions', type_='foreignkey')
 
