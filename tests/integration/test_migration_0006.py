@@ -51,7 +51,7 @@ def test_0006_refuses_a_transaction_of_another_merchants_order_keeps_the_rows_an
     try:
         with engine.begin() as connection:
             _seed(connection)
-        with engine.begin() as connection:  # 0005 let the other merchant's refund of order 1 in
+        with engine.begin() as connection:  # 0005 let another merchant's transaction on order 1 in
             _transaction(connection, MERCHANTS[1])
             connection.execute(sa.text("DELETE FROM transactions WHERE merchant_id = :m"), {"m": MERCHANTS[1]})
         before = _rows(engine)
