@@ -12,26 +12,21 @@ import pytest
 import sqlalchemy as sa
 
 from service import db, domain
-from service.stores import open_store
 from service.usecases import refunds
 from tests.support import data
 from tests.support.data import admin, balance_of
+from tests.support.in_process import with_store
 from tests.support.ledger import check_ledger
 
 MERCHANT, OTHER = 3400001, 3400002
 ORDERS = 60
 
 
-def storm(url: str, commands: list[domain.RefundCommand], lanes: int = 2):
-    """Every command at once through one store; (results, the store's group commit)."""
-    async def main():
-        store = await open_store(url, lanes=lanes)
-        try:
-            results = await asyncio.gather(*(refunds.refund(store, c) for c in commands))
-            return results, store.group_commit
-        finally:
-            await store.close()
-    return asyncio.run(main())
+def storm(url: str, commands: list[domain.RefundCommand], lanes: int = 2, batches=lambda store: store.group_commit):
+    """Every command at once through one store; (results, the store's `batches`)."""
+    async def work(store):
+        return await asyncio.gather(*(refunds.refund(store, c) for c in commands)), batches(store)
+    return with_store(url, work, lanes=lanes)
 
 
 def load(url: str, balance: str) -> None:
@@ -187,17 +182,10 @@ def test_in_a_batch_a_refund_whose_key_was_revoked_writes_nothing_and_the_others
     insert_key_directly(database_url, MERCHANT, "new", public_pem(generated_key("new")))
     deactivate_key(database_url, MERCHANT, "old")
 
-    async def main():
-        store = await open_store(database_url)
-        try:
-            return await asyncio.gather(*(
-                refunds.refund(store, domain.RefundCommand(MERCHANT, order_id, None, "10.00"),
-                               SignedBy("old" if order_id % 3 == 0 else "new"))
-                for order_id in range(1, 25)))
-        finally:
-            await store.close()
-
-    results = asyncio.run(main())
+    results = with_store(database_url, lambda store: asyncio.gather(*(
+        refunds.refund(store, domain.RefundCommand(MERCHANT, order_id, None, "10.00"),
+                       SignedBy("old" if order_id % 3 == 0 else "new"))
+        for order_id in range(1, 25))))
     for order_id, result in zip(range(1, 25), results, strict=True):
         if order_id % 3 == 0:
             assert result is None, order_id  # nothing written: authenticate afresh
@@ -222,19 +210,15 @@ def test_sqlite_applies_in_one_transaction_check_each_refunds_own_key_and_state(
     signers = {1: "new", 2: "old", 3: "new", 4: "new"}
     commands = {o: domain.RefundCommand(MERCHANT, o, None, "10.00") for o in (1, 2, 3, 4)}
 
-    async def main():
-        store = await open_store(sqlite_url)
-        try:
-            snapshots = {o: await store.read_snapshot(c) for o, c in commands.items()}
-            deactivate_key(sqlite_url, MERCHANT, "old")  # revoked after the read
-            await refunds.refund(store, commands[3])  # refunded after the read
-            many = [(commands[o], domain.decide(commands[o], snapshots[o]), snapshots[o], SignedBy(signers[o]), None)
-                    for o in (1, 2, 3, 4)]
-            return await store._run(store._apply_many, many)
-        finally:
-            await store.close()
+    async def work(store):
+        snapshots = {o: await store.read_snapshot(c) for o, c in commands.items()}
+        deactivate_key(sqlite_url, MERCHANT, "old")  # revoked after the read
+        await refunds.refund(store, commands[3])  # refunded after the read
+        many = [(commands[o], domain.decide(commands[o], snapshots[o]), snapshots[o], SignedBy(signers[o]), None)
+                for o in (1, 2, 3, 4)]
+        return await store._run(store._apply_many, many)
 
-    first, second, third, fourth = asyncio.run(main())
+    first, second, third, fourth = with_store(sqlite_url, work)
     assert isinstance(first, domain.Transaction) and isinstance(fourth, domain.Transaction)
     assert (second, third) == (Interrupted.CREDENTIALS_CHANGED, Interrupted.STATE_MOVED)
     ledger = check_ledger(sqlite_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
@@ -249,15 +233,7 @@ def test_sqlite_reads_that_arrive_together_go_in_one_trip_and_each_gets_its_own_
     commands = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 31)] + \
         [domain.RefundCommand(MERCHANT, 999, None, "10.00"), domain.RefundCommand(OTHER, 1001, None, "10.00")]
 
-    async def main():
-        store = await open_store(sqlite_url)
-        try:
-            results = await asyncio.gather(*(refunds.refund(store, c) for c in commands))
-            return results, store.reads
-        finally:
-            await store.close()
-
-    results, reads = asyncio.run(main())
+    results, reads = storm(sqlite_url, commands, batches=lambda store: store.reads)
     assert reads.batches >= 1 and reads.batched >= 2
     assert [r.code for r in results] == [domain.ResponseCode.SUCCESS] * 30 + \
         [domain.ResponseCode.ORDER_NOT_FOUND, domain.ResponseCode.SUCCESS]
@@ -276,9 +252,8 @@ def test_a_refund_statement_chosen_as_deadlock_victim_runs_again_and_is_approved
     load(postgres_url, "1000.00")
     url = sa.make_url(postgres_url)
 
-    async def main():
+    async def work(store):
         other = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
-        store = await open_store(postgres_url)
         try:
             await other.execute("SET deadlock_timeout = '10s'")  # this side waits: the statement is the victim
             await other.execute("BEGIN")
@@ -290,9 +265,8 @@ def test_a_refund_statement_chosen_as_deadlock_victim_runs_again_and_is_approved
             return await asyncio.wait_for(refund, 20)
         finally:
             await other.close()
-            await store.close()
 
-    result = asyncio.run(main())
+    result = with_store(postgres_url, work)
     assert result.code is domain.ResponseCode.SUCCESS
     assert balance_of(postgres_url, MERCHANT, "HKD") == 100000 - 1000
     assert "the ledger holds" in admin(postgres_url, "verify")

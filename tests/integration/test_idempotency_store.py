@@ -12,25 +12,12 @@ import pytest
 from refund.v1 import refund_pb2
 from service import grpc_api
 from service.clock import utc_now
-from service.stores import open_store
 from service.stores.port import ClaimState, StoreUnavailable
 from tests.support import data
-from tests.support.in_process import InProcessService, error_info
+from tests.support.in_process import InProcessService, error_info, with_store
 from tests.support.keys import EXAMPLE_PUB_PEM, example_key, sign
 
 LEASE = timedelta(seconds=60)
-
-
-def run(coroutine):
-    return asyncio.run(coroutine)
-
-
-async def _with_store(url, body):
-    store = await open_store(url)
-    try:
-        return await body(store)
-    finally:
-        await store.close()
 
 
 def test_a_key_is_claimed_once_then_holds_its_answer(database_url):
@@ -53,7 +40,7 @@ def test_a_key_is_claimed_once_then_holds_its_answer(database_url):
         assert (await store.claim_idempotency(1, "k", "hash-a", utc_now(), utc_now() - LEASE)).response \
             == b"\x00stored answer\xff"
 
-    run(_with_store(database_url, body))
+    with_store(database_url, body)
 
 
 def test_a_released_key_or_a_stale_claim_can_be_claimed_again(database_url):
@@ -73,7 +60,7 @@ def test_a_released_key_or_a_stale_claim_can_be_claimed_again(database_url):
         await store.finish_idempotency(1, "stale", taken.claimed_at, b"new")
         assert (await store.claim_idempotency(1, "stale", "h", utc_now(), utc_now() - LEASE)).response == b"new"
 
-    run(_with_store(database_url, body))
+    with_store(database_url, body)
 
 
 def test_concurrent_claims_of_one_key_give_it_to_exactly_one(database_url):
@@ -84,7 +71,7 @@ def test_concurrent_claims_of_one_key_give_it_to_exactly_one(database_url):
         states = sorted(claim.state.value for claim in claims)
         assert states == ["claimed"] + ["in_progress"] * 19
 
-    run(_with_store(database_url, body))
+    with_store(database_url, body)
 
 
 def test_a_request_hash_is_remembered_once(database_url):
@@ -94,7 +81,7 @@ def test_a_request_hash_is_remembered_once(database_url):
         assert await store.remember_request("a" * 64, 1, expires) is False
         assert await store.remember_request("b" * 64, 1, expires) is True
 
-    run(_with_store(database_url, body))
+    with_store(database_url, body)
 
 
 class _FailingRefunds:

@@ -24,29 +24,17 @@ from hypothesis import strategies as st
 
 from refund.v1 import refund_pb2
 from service import domain
-from service.stores import open_store
 from service.stores.port import Attempt, SignedBy
 from service.stores.postgres import PostgresStore
 from service.usecases import refunds
 from tests.support import data
 from tests.support.data import admin, balance_of, deactivate_key, insert_key_directly, set_merchant_status
-from tests.support.in_process import InProcessService, error_info
+from tests.support.in_process import InProcessService, error_info, with_store
 from tests.support.keys import generated_key, public_pem, sign
 from tests.support.ledger import read_ledger
 
 MERCHANT, OTHER = 3300001, 3300002
 CURRENCIES = {"HKD": 2, "JPY": 0, "BHD": 3, "CLF": 4}
-
-
-def run(url, work):
-    async def main():
-        store = await open_store(url)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 # -- the one statement decides as domain.decide does (PostgreSQL) -------------------
@@ -201,7 +189,7 @@ def test_a_stale_snapshot_never_refunds_twice(postgres_url):
         second = await refunds.finish(store, command, Attempt(snapshot=stale))
         return first, second
 
-    first, second = run(postgres_url, work)
+    first, second = with_store(postgres_url, work)
     assert first.code is domain.ResponseCode.SUCCESS
     assert second.code is domain.ResponseCode.ALREADY_REFUNDED
     assert second.transaction.id == first.transaction.id
@@ -231,9 +219,9 @@ def _refund(order_id: int, signed_with: str | None):
 
 
 def test_a_refund_signed_with_an_active_key_is_made_in_one_call(keyed):
-    result = run(keyed, _refund(1, "k1"))
+    result = with_store(keyed, _refund(1, "k1"))
     assert result.code is domain.ResponseCode.SUCCESS and result.order.status == "REFUNDED"
-    assert run(keyed, _refund(1, None)).code is domain.ResponseCode.ALREADY_REFUNDED
+    assert with_store(keyed, _refund(1, None)).code is domain.ResponseCode.ALREADY_REFUNDED
 
 
 @pytest.mark.parametrize("change", ["key deactivated", "merchant suspended", "timestamp required", "other key"])
@@ -247,8 +235,8 @@ def test_signed_with_a_key_that_no_longer_holds_writes_nothing(keyed, change):
         admin(keyed, "merchant", "timestamp", str(MERCHANT), "required")
     else:
         signed_with = "k2"  # not a key of this merchant
-    assert run(keyed, _refund(2, signed_with)) is None
-    order, transactions = run(keyed, lambda store: store.get_order(MERCHANT, 2, None))
+    assert with_store(keyed, _refund(2, signed_with)) is None
+    order, transactions = with_store(keyed, lambda store: store.get_order(MERCHANT, 2, None))
     assert order.status == "SUCCESS" and [t.type for t in transactions] == ["SALE"]
     assert balance_of(keyed, MERCHANT, "HKD") == 100_000
     assert _audit(keyed, 2) == []  # the full path that follows records the attempt, once
@@ -297,7 +285,7 @@ def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks
         assert _audit(keyed, 1) == [(MERCHANT, "0000"), (MERCHANT, "3003")]
         assert _audit(keyed, 4) == [(MERCHANT, "1002")]
         assert _audit(keyed, OTHERS_ORDER) == [(MERCHANT, "3001")]
-        order, transactions = run(keyed, lambda store: store.get_order(OTHER, OTHERS_ORDER, None))
+        order, transactions = with_store(keyed, lambda store: store.get_order(OTHER, OTHERS_ORDER, None))
         assert order.status == "SUCCESS" and [t.type for t in transactions] == ["SALE"]
         assert balance_of(keyed, OTHER, "HKD") == 100_000
         # A timestamp takes the full path (the replay window) and gets its code.
@@ -317,7 +305,7 @@ def test_the_service_refunds_in_one_store_call_once_it_knows_the_keys_and_checks
     finally:
         service.close()
     for order_id in (6, 7):
-        order, transactions = run(keyed, lambda store, order_id=order_id: store.get_order(MERCHANT, order_id, None))
+        order, transactions = with_store(keyed, lambda store, order_id=order_id: store.get_order(MERCHANT, order_id, None))
         assert order.status == "SUCCESS" and [t.type for t in transactions] == ["SALE"]
         assert _audit(keyed, order_id) == []  # a refused signature decides nothing about the order
 

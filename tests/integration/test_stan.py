@@ -5,15 +5,13 @@ so the edges of the rule are checked on both."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import sqlalchemy as sa
 
 from service import db, domain
-from service.stores import open_store
 from service.usecases import refunds
 from tests.support import data
+from tests.support.in_process import with_store
 
 MERCHANT = 3700001
 
@@ -32,14 +30,7 @@ def test_the_stan_is_the_transaction_ids_last_six_digits(database_url, refund_id
                                {"id": refund_id - 1})
     engine.dispose()
 
-    async def refund():
-        store = await open_store(database_url)
-        try:
-            return await refunds.refund(store, domain.RefundCommand(MERCHANT, 1, None, "10.00"))
-        finally:
-            await store.close()
-
-    result = asyncio.run(refund())
+    result = with_store(database_url, lambda store: refunds.refund(store, domain.RefundCommand(MERCHANT, 1, None, "10.00")))
     assert result.code is domain.ResponseCode.SUCCESS
     assert (result.transaction.id, result.transaction.stan) == (refund_id, stan)
     assert result.transaction.masked_pan == data.order(1, MERCHANT, "10.00")["maskedPan"]

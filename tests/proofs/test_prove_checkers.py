@@ -5,16 +5,14 @@ are not mistaken for them."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import sqlalchemy as sa
 
 from service import db, domain
-from service.stores import open_store
 from service.usecases import refunds
 from tests.support import data
 from tests.support.cards import card_numbers, database_card_numbers
+from tests.support.in_process import with_store
 from tests.support.ledger import check_ledger
 
 MERCHANT = 7900001
@@ -26,14 +24,8 @@ def refunded(sqlite_url):
     data.load(sqlite_url, [data.merchant(MERCHANT, balances={"HKD": "500.00"})],
               [data.order(1, MERCHANT, "100.00"), data.order(2, MERCHANT, "100.00")])
 
-    async def refund():
-        store = await open_store(sqlite_url)
-        try:
-            return await refunds.refund(store, domain.RefundCommand(MERCHANT, 1, None, "100.00"))
-        finally:
-            await store.close()
-
-    assert asyncio.run(refund()).code is domain.ResponseCode.SUCCESS
+    result = with_store(sqlite_url, lambda store: refunds.refund(store, domain.RefundCommand(MERCHANT, 1, None, "100.00")))
+    assert result.code is domain.ResponseCode.SUCCESS
     check_ledger(sqlite_url, {(MERCHANT, "HKD"): 50000})
     return sqlite_url
 

@@ -1,8 +1,9 @@
 """The service inside the test process: `InProcessService` (refund-service's
 gRPC server on its own event loop thread, for tests that call it with an
 ordinary sync gRPC client), the decoding of its rich errors, fake back ends for
-the edge (a gRPC server with a RefundService that misbehaves on purpose), and
-the service's server with the edge's ASGI app in one process."""
+the edge (a gRPC server with a RefundService that misbehaves on purpose), the
+service's server with the edge's ASGI app in one process, and `with_store`, a
+store of the service's own kind used directly."""
 
 from __future__ import annotations
 
@@ -191,6 +192,19 @@ async def call_asgi(app, body: bytes) -> tuple[int, bytes]:
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     return start["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def with_store(database_url: str, work, **store_options):
+    """`await work(store)` with a store opened on `database_url` as refund-service
+    opens it (closed afterwards), in an event loop of its own; what `work` returned."""
+    async def main():
+        store = await open_store(database_url, **store_options)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
 
 
 async def refund_in_one_process(database_url: str, body: bytes) -> tuple[int, bytes]:
