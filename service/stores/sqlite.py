@@ -12,7 +12,7 @@ Reads and applies that arrive while one runs go to the thread together
 (group_commit.py): reads in one trip, applies in one trip and one BEGIN
 IMMEDIATE, each under a savepoint of its own.
 
-A little over 400 lines: one adapter, every method of the port (refund steps,
+One adapter, every method of the port (refund steps,
 queries, idempotency, sales, settlements) in one place, as in postgres.py.
 """
 
