@@ -11,6 +11,7 @@ Metrics (served on --metrics-listen, see docs/operations.md):
     refund_service_refund_batches_total                  database transactions that applied refunds together
     refund_service_refunds_batched_total                 refund attempts run in such a transaction
     refund_service_refund_batches_rolled_back_total      batches rolled back, their refunds run one by one
+    refund_service_refund_statements_rolled_back_total   refunds alone rolled back and run again
 
 The servicer tells the interceptor the outcome of a call with `note_outcome`
 (the response code is known there, not from the status code alone).
@@ -67,6 +68,10 @@ class _GroupCommitCollector:
         yield CounterMetricFamily("refund_service_refund_batches_rolled_back",
                                   "Batches the database rolled back as a whole; their refunds then ran one by one",
                                   value=self.group.rolled_back)
+        yield CounterMetricFamily("refund_service_refund_statements_rolled_back",
+                                  "Refund statements run alone that the database rolled back (a deadlock's "
+                                  "victim) and that then ran again",
+                                  value=self.group.alone_rolled_back)
 
 
 _GROUP_COMMIT = _GroupCommitCollector()

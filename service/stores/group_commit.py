@@ -14,9 +14,11 @@ Refunds that arrive while their lane is busy wait in its queue; when the running
 one is done they go to PostgreSQL together, as a batch: each refund is still its
 own IN_ONE_STATEMENT (every guard, its audit row, its journal entry), but the
 batch is sent in one round trip and runs as one transaction, which takes each
-balance row's lock once and flushes once. A batch is in merchant order, so two
-batches (of two processes) lock balance rows in the same order. A refund that
-finds its lane idle goes alone at once: nothing waits for a batch to fill.
+balance row's lock once and flushes once. On PostgreSQL a batch first locks the
+rows its refunds will change, orders then balances, each in one order
+(postgres_refund.LOCK_BATCH_*), so no two refunds of two processes wait for
+each other in a cycle. A refund that finds its lane idle goes alone at once:
+nothing waits for a batch to fill.
 
 A batch commits or rolls back as a whole:
 - if one of its statements fails on a constraint, or PostgreSQL rolls it back
@@ -84,6 +86,7 @@ class GroupCommit:
         self.batches = 0
         self.batched = 0
         self.rolled_back = 0
+        self.alone_rolled_back = 0  # counted by the store: a refund alone rolled back and run again
 
     async def run(self, merchant: int, statement: str, args: tuple):
         """The row of `statement` run with `args`, alone or in a batch of its lane."""

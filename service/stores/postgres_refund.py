@@ -145,6 +145,31 @@ LEFT JOIN (SELECT marked.*, refund.id, refund.masked_pan, refund.stan FROM marke
 _BY_ID = "o.id = $2 AND (COALESCE($3, '') = '' OR o.merchant_reference = $3)"
 _BY_REFERENCE = "$2::bigint IS NULL AND o.merchant_reference = $3"
 
+# A batch (group_commit.py) first locks the rows its statements will lock: its
+# orders in id order, then their balance rows in (merchant, currency) order. A
+# statement alone locks its order, then its balance. So every refund
+# transaction takes orders before balances, each kind in one global order, and
+# none can wait for another in a cycle: without this, a batch holding a balance
+# row would wait for an order held by a statement of another process waiting
+# for that balance row (the same order asked of two processes at once), or two
+# batches would take one merchant's balance rows in two currencies in opposite
+# orders; PostgreSQL broke each such cycle only after deadlock_timeout.
+# $1 merchants, $2 order ids (by id) or merchant references (by reference).
+_LOCK_BATCH = """
+WITH locked_orders AS MATERIALIZED (
+    SELECT o.merchant_id, o.currency FROM orders o
+    JOIN unnest($1::bigint[], $2::{key_type}[]) AS r(merchant_id, key)
+      ON o.merchant_id = r.merchant_id AND o.{key_column} = r.key
+    ORDER BY o.id FOR NO KEY UPDATE OF o
+), locked_balances AS MATERIALIZED (
+    SELECT 1 FROM balances b
+    WHERE (b.merchant_id, b.currency) IN (SELECT merchant_id, currency FROM locked_orders)
+    ORDER BY b.merchant_id, b.currency FOR NO KEY UPDATE OF b
+)
+SELECT (SELECT count(*) FROM locked_orders), (SELECT count(*) FROM locked_balances)"""
+LOCK_BATCH_BY_ID = _LOCK_BATCH.format(key_type="bigint", key_column="id")
+LOCK_BATCH_BY_REFERENCE = _LOCK_BATCH.format(key_type="text", key_column="merchant_reference")
+
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id,
     created_at)

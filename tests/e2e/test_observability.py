@@ -230,4 +230,5 @@ def test_the_service_counts_its_group_commits_on_postgresql(postgres_url, start_
         sample(text, "refund_service_refunds_batched_total")
     assert batches >= 1 and batched >= 2 * batches and batched <= 60
     assert sample(text, "refund_service_refund_batches_rolled_back_total") == 0
+    assert sample(text, "refund_service_refund_statements_rolled_back_total") == 0
     assert sample(text, "refund_service_refunds_total", method="Refund", response_code="0000") == 60

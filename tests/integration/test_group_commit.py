@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 
-from service import db, domain
+from service import db, domain, stores
 from service.usecases import refunds
 from tests.support import data
 from tests.support.data import admin, balance_of
@@ -243,10 +243,11 @@ def test_sqlite_reads_that_arrive_together_go_in_one_trip_and_each_gets_its_own_
 
 @pytest.mark.postgres
 def test_a_refund_statement_chosen_as_deadlock_victim_runs_again_and_is_approved(postgres_url):
-    """A batch of another process can hold the balance row and wait for an order
-    whose refund statement, alone here, waits for that balance row. PostgreSQL
-    rolls one back; when it is the statement alone, it wrote nothing and runs
-    again: the caller gets its approval, not UNAVAILABLE."""
+    """Another client's transaction (a script, an operator's UPDATE) can hold the
+    balance row and wait for an order whose refund statement, alone here, waits
+    for that balance row. PostgreSQL rolls one back; when it is the statement
+    alone, it wrote nothing and runs again: the caller gets its approval, not
+    UNAVAILABLE."""
     import asyncpg
 
     load(postgres_url, "1000.00")
@@ -262,11 +263,52 @@ def test_a_refund_statement_chosen_as_deadlock_victim_runs_again_and_is_approved
             await asyncio.sleep(0.5)  # the statement has marked order 7 and waits for the balance row
             await other.execute("UPDATE orders SET update_time = update_time WHERE id = 7")  # the cycle
             await other.execute("ROLLBACK")
-            return await asyncio.wait_for(refund, 20)
+            return await asyncio.wait_for(refund, 20), store.group_commit.alone_rolled_back
         finally:
             await other.close()
 
-    result = with_store(postgres_url, work)
+    result, rolled_back = with_store(postgres_url, work)
     assert result.code is domain.ResponseCode.SUCCESS
+    assert rolled_back == 1  # counted (refund_service_refund_statements_rolled_back_total)
     assert balance_of(postgres_url, MERCHANT, "HKD") == 100000 - 1000
+    assert "the ledger holds" in admin(postgres_url, "verify")
+
+
+@pytest.mark.postgres
+def test_two_processes_refunding_the_same_orders_at_once_never_deadlock(postgres_url):
+    """Two service processes (two stores, two pools) get the same refunds at once,
+    in opposite orders, on a merchant with balances in two currencies. A batch
+    takes its orders' rows, then their balance rows, each in one order, before
+    it refunds: no batch waits for an order while holding a balance row, so
+    PostgreSQL finds no deadlock (detected within 20 ms here, were there one)
+    and rolls nothing back. Each order is still refunded exactly once."""
+    orders = [data.order(o, MERCHANT, "10.00", currency="HKD" if o % 2 else "USD") for o in range(1, 121)]
+    data.load(postgres_url, [data.merchant(MERCHANT, balances={"HKD": "1000.00", "USD": "1000.00"})], orders)
+    engine = db.make_engine(postgres_url)
+    with engine.begin() as connection:
+        database = connection.execute(sa.text("SELECT current_database()")).scalar()
+        connection.execute(sa.text(f'ALTER DATABASE "{database}" SET deadlock_timeout = \'20ms\''))
+    engine.dispose()
+    commands = [domain.RefundCommand(MERCHANT, o, None, "10.00") for o in range(1, 121)]
+
+    async def work(first):
+        second = await stores.open_store(postgres_url)
+        try:
+            results = []
+            for start in range(0, 120, 30):  # four storms, each of 30 orders asked twice at once
+                chunk = commands[start:start + 30]
+                results += await asyncio.gather(*(refunds.refund(first, c) for c in chunk),
+                                                *(refunds.refund(second, c) for c in reversed(chunk)))
+            return results, [first.group_commit, second.group_commit]
+        finally:
+            await second.close()
+
+    results, groups = with_store(postgres_url, work)
+
+    assert sum(g.batched for g in groups) >= 4, "no batch formed: the test proves nothing"
+    assert [(g.rolled_back, g.alone_rolled_back) for g in groups] == [(0, 0), (0, 0)]
+    codes = Counter(r.code for r in results)
+    assert codes == {domain.ResponseCode.SUCCESS: 120, domain.ResponseCode.ALREADY_REFUNDED: 120}
+    for currency in ("HKD", "USD"):
+        assert balance_of(postgres_url, MERCHANT, currency) == 100000 - 60 * 1000
     assert "the ledger holds" in admin(postgres_url, "verify")
