@@ -14,10 +14,10 @@ Refunds that arrive while their lane is busy wait in its queue; when the running
 one is done they go to PostgreSQL together, as a batch: each refund is still its
 own IN_ONE_STATEMENT (every guard, its audit row, its journal entry), but the
 batch is sent in one round trip and runs as one transaction, which takes each
-balance row's lock once and flushes once. On PostgreSQL a batch first locks the
-rows its refunds will change, orders then balances, each in one order
-(postgres_refund.LOCK_BATCH_*), so no two refunds of two processes wait for
-each other in a cycle. A refund that finds its lane idle goes alone at once:
+balance row's lock once and flushes once. Each refund statement first takes its
+merchant's advisory lock (postgres_refund.MERCHANT_LOCK), so a batch, in
+merchant order, takes them in increasing order: no two refund transactions of
+two processes wait for each other in a cycle. A refund that finds its lane idle goes alone at once:
 nothing waits for a batch to fill.
 
 A batch commits or rolls back as a whole:

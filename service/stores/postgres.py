@@ -201,7 +201,7 @@ class PostgresStore:
     async def _refund_alone(self, statement: str, args: tuple):
         """The statement's row. PostgreSQL may roll it back as a deadlock victim:
         another client's transaction (not a refund of this service: see
-        LOCK_BATCH_*) holds the balance row and waits for this statement's
+        MERCHANT_LOCK) holds the balance row and waits for this statement's
         order. Rolled back, it wrote nothing, so it runs again (at most
         ROLLED_BACK_RETRIES times)."""
         async with self._connection() as conn:
@@ -214,17 +214,11 @@ class PostgresStore:
                         raise
 
     async def _refunds_together(self, statement: str, many: list[tuple]):
-        """The rows of `statement` run once per args, in one transaction, after
-        the batch's rows are locked (LOCK_BATCH_*: no deadlock with a refund of
-        another process); None when PostgreSQL rolled that transaction back."""
-        by_id = statement == self._statements.in_one_statement_by_id
-        lock = refund_sql.LOCK_BATCH_BY_ID if by_id else refund_sql.LOCK_BATCH_BY_REFERENCE
-        merchants, keys = [args[0] for args in many], [args[1] if by_id else args[2] for args in many]
+        """The rows of `statement` run once per args, in one transaction and one
+        round trip; None when PostgreSQL rolled that transaction back as a whole."""
         async with self._connection() as conn:
             try:
-                async with conn.transaction():
-                    await conn.execute(lock, merchants, keys)
-                    return await conn.fetchmany(statement, many)
+                return await conn.fetchmany(statement, many)
             except (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError):
                 return None
 

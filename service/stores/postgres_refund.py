@@ -14,7 +14,8 @@ Each statement runs on its own, so each is atomic (no BEGIN/COMMIT):
   the database what the decision assumed: the order is marked only in the
   status that was read (so two attempts on one order cannot both pass), the
   balance is debited only `WHERE unsettled >= amount`.
-Both guard themselves the same way: if the order was marked but the balance no
+Both first take their merchant's advisory lock (MERCHANT_LOCK, held to the
+commit: no deadlock between refunds). Both guard themselves the same way: if the order was marked but the balance no
 longer covers the amount, the refund row's amount is NULL, which NOT NULL
 refuses, so the statement fails as a whole and an order is never marked
 without its debit nor debited without its refund row. Behind them stand the
@@ -48,6 +49,20 @@ def credentials_hold(key: str, timestamped: str) -> str:
 
 CREDENTIALS_STILL_HOLD = "SELECT " + credentials_hold(key="$2", timestamped="$3")
 
+# Both statements first take their merchant's advisory lock, held to the commit
+# (two int4 keys: the sequencer's and the relay's bigint keys are another key
+# space). So a refund changes an order or a balance of merchant M only while
+# no other refund transaction can, and a batch (group_commit.py, in merchant
+# order) takes the locks of several merchants in increasing order: no two refund
+# transactions wait for each other in a cycle. Without it, a batch holding a
+# balance row waited for an order that a refund of another process had marked
+# and that waited for the balance row (one order asked of two processes at
+# once), or two batches took one merchant's balance rows in two currencies in
+# opposite orders; PostgreSQL broke each cycle only after deadlock_timeout.
+# A refund of one merchant already waited for the other's balance row; only
+# declines of one merchant, in two processes at once, now wait too.
+MERCHANT_LOCK = "SELECT pg_advisory_xact_lock(($1::bigint >> 32)::int, ($1::bigint::bit(32))::int)"
+
 # The refund transaction's insert, shared by both statements: its amount is
 # NULL (and the statement fails) when the order was marked but not debited.
 _INSERT_REFUND = f"""
@@ -64,10 +79,11 @@ _INSERT_REFUND = f"""
 # $10 key id of a signed request (NULL: unsigned), $11 whether it is timestamped,
 # $12 the request id (for the journal entry, i.e. the event)
 _APPLY = f"""
-WITH marked AS (
+WITH serialized AS MATERIALIZED ({MERCHANT_LOCK}
+), marked AS (
     UPDATE orders SET status = $5, update_time = $6
     WHERE id = $2 AND merchant_id = $1 AND status = $9 AND {sql.refundable("status")}
-      AND ($10::text IS NULL OR {{credentials_hold}})
+      AND ($10::text IS NULL OR {{credentials_hold}}) AND EXISTS (SELECT 1 FROM serialized)
     RETURNING id
 ), debit AS (
     UPDATE balances SET unsettled = unsettled - $4
@@ -95,8 +111,9 @@ SELECT id, masked_pan, stan FROM refund"""
 # $6 requested amount text, $7 key id or NULL, $8 whether the request is timestamped,
 # $9 the request id (for the journal entry, i.e. the event)
 _IN_ONE_STATEMENT = f"""
-WITH credentials AS (
-    SELECT $7::text IS NULL OR {{credentials_hold}} AS hold
+WITH serialized AS MATERIALIZED ({MERCHANT_LOCK}
+), credentials AS (
+    SELECT $7::text IS NULL OR {{credentials_hold}} AS hold FROM serialized
 ), target AS (
     SELECT o.id, o.amount, o.currency, o.status, pm.refund_capability,
            ($4::bigint[])[({sql.decimals_of_currency("o.currency")}) + 1] AS units
@@ -144,31 +161,6 @@ LEFT JOIN ({{snapshot}} AND NOT EXISTS (SELECT 1 FROM marked)) snapshot ON true
 LEFT JOIN (SELECT marked.*, refund.id, refund.masked_pan, refund.stan FROM marked, refund) applied ON true"""
 _BY_ID = "o.id = $2 AND (COALESCE($3, '') = '' OR o.merchant_reference = $3)"
 _BY_REFERENCE = "$2::bigint IS NULL AND o.merchant_reference = $3"
-
-# A batch (group_commit.py) first locks the rows its statements will lock: its
-# orders in id order, then their balance rows in (merchant, currency) order. A
-# statement alone locks its order, then its balance. So every refund
-# transaction takes orders before balances, each kind in one global order, and
-# none can wait for another in a cycle: without this, a batch holding a balance
-# row would wait for an order held by a statement of another process waiting
-# for that balance row (the same order asked of two processes at once), or two
-# batches would take one merchant's balance rows in two currencies in opposite
-# orders; PostgreSQL broke each such cycle only after deadlock_timeout.
-# $1 merchants, $2 order ids (by id) or merchant references (by reference).
-_LOCK_BATCH = """
-WITH locked_orders AS MATERIALIZED (
-    SELECT o.merchant_id, o.currency FROM orders o
-    JOIN unnest($1::bigint[], $2::{key_type}[]) AS r(merchant_id, key)
-      ON o.merchant_id = r.merchant_id AND o.{key_column} = r.key
-    ORDER BY o.id FOR NO KEY UPDATE OF o
-), locked_balances AS MATERIALIZED (
-    SELECT 1 FROM balances b
-    WHERE (b.merchant_id, b.currency) IN (SELECT merchant_id, currency FROM locked_orders)
-    ORDER BY b.merchant_id, b.currency FOR NO KEY UPDATE OF b
-)
-SELECT (SELECT count(*) FROM locked_orders), (SELECT count(*) FROM locked_balances)"""
-LOCK_BATCH_BY_ID = _LOCK_BATCH.format(key_type="bigint", key_column="id")
-LOCK_BATCH_BY_REFERENCE = _LOCK_BATCH.format(key_type="text", key_column="merchant_reference")
 
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id,
