@@ -53,11 +53,14 @@ from service.stores.port import (
 )
 from service.stores.sql import ORDER_COLUMNS, SETTLEMENT_COLUMNS, TRANSACTION_COLUMNS
 
+# The order, its payment method's capability, the balance and the order's
+# refund if it has one (at most one: uq_one_refund_per_order), in one read.
 SNAPSHOT = f"""
-SELECT {ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0)
+SELECT {ORDER_COLUMNS}, pm.refund_capability, COALESCE(b.unsettled, 0), {TRANSACTION_COLUMNS}
 FROM orders o
 JOIN payment_methods pm ON pm.code = o.payment_method
 LEFT JOIN balances b ON b.merchant_id = o.merchant_id AND b.currency = o.currency
+LEFT JOIN transactions t ON t.order_id = o.id AND t.type = {sql.REFUND}
 WHERE o.merchant_id = ? AND """
 
 # The credentials a signed request was verified with still hold: its key is
@@ -79,6 +82,12 @@ JOURNAL = """
 INSERT INTO ledger_entries (merchant_id, currency, kind, amount, balance_after, order_id, transaction_id,
                             settlement_id, created_at, request_id)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+# A new refund's id (one writer: the next after the largest) and its sale's
+# masked card number ('' when the sale has none), in one read.
+NEW_REFUND = f"""
+SELECT (SELECT COALESCE(MAX(id), 0) + 1 FROM transactions),
+       COALESCE((SELECT masked_pan FROM transactions WHERE order_id = ? AND type = {sql.SALE} LIMIT 1), '')"""
 
 AUDIT = """
 INSERT INTO refund_attempts (merchant_id, order_id, merchant_reference, amount, response_code, transaction_id,
@@ -205,10 +214,8 @@ class SqliteStore:
                              (command.merchant_id, command.merchant_reference)).fetchone()
         if row is None:
             return None
-        order = _order(row)
-        refund_row = db.execute(f"SELECT {TRANSACTION_COLUMNS} FROM transactions t "
-                                "WHERE t.order_id = ? AND t.type = ?", (order.id, domain.REFUND)).fetchone()
-        return domain.OrderSnapshot(order, row[9], row[10], _transaction(refund_row) if refund_row else None)
+        refund = _transaction(row[11:]) if row[11] is not None else None
+        return domain.OrderSnapshot(_order(row), row[9], row[10], refund)
 
     async def apply_refund(self, command: domain.RefundCommand, decision: domain.Decision,
                            snapshot: domain.OrderSnapshot, signed_by: SignedBy | None) \
@@ -444,24 +451,22 @@ def _insert_refund(db: sqlite3.Connection, command: domain.RefundCommand, decisi
     """Mark the order (only in the status read), debit the balance (only while it
     covers the amount), insert the refund, its audit row and journal entry;
     _StateMoved when the order or the balance moved since the read."""
-    marked = db.execute(MARK_REFUNDED, (decision.new_status, to_text(now), order.id, order.merchant_id,
+    at = to_text(now)
+    marked = db.execute(MARK_REFUNDED, (decision.new_status, at, order.id, order.merchant_id,
                                         order.status)).rowcount
     debited = db.execute(DEBIT, (decision.amount, order.merchant_id, order.currency, decision.amount)).fetchone() \
         if marked else None
     if debited is None:
         raise _StateMoved()
-    sale_pan = db.execute("SELECT masked_pan FROM transactions WHERE order_id = ? AND type = ?",
-                          (order.id, domain.SALE)).fetchone()
-    refund_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM transactions").fetchone()[0]
+    refund_id, sale_pan = db.execute(NEW_REFUND, (order.id,)).fetchone()
     refund = domain.Transaction(refund_id, order.merchant_id, order.id, domain.REFUND, order.currency,
-                                decision.amount, domain.TRANSACTION_SUCCEEDED,
-                                sale_pan[0] if sale_pan else "", stan_for(refund_id), now)
+                                decision.amount, domain.TRANSACTION_SUCCEEDED, sale_pan, stan_for(refund_id), now)
     db.execute(
         "INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan,"
         " create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(refund))
     db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount_text,
-                       decision.code.value, refund_id, to_text(now)))
+                       decision.code.value, refund_id, at))
     db.execute(JOURNAL, (order.merchant_id, order.currency, domain.REFUND, -decision.amount, debited[0], order.id,
-                         refund_id, None, to_text(now), request_id))
+                         refund_id, None, at, request_id))
     return refund
 
