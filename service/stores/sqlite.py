@@ -78,13 +78,9 @@ SNAPSHOTS = {by: SNAPSHOT + by for by in (BY_ID, BY_REFERENCE)}
 SIGNED_SNAPSHOTS = {by: f"SELECT c.hold, s.* FROM (SELECT EXISTS ({CREDENTIALS_HOLD}) AS hold) c\n"
                         f"LEFT JOIN ({SNAPSHOT}{by}) s ON 1" for by in (BY_ID, BY_REFERENCE)}
 
-# Marks the order only in the status the decision read, only a refundable one,
-# and only while the balance covers the amount: with one writer, the debit that
-# follows in the same write transaction then cannot fail, and a refund that
-# finds the state moved has written nothing (no savepoint needed).
+# Marks the order only in the status the decision read, and only a refundable one.
 MARK_REFUNDED = ("UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND merchant_id = ? AND status = ? "
-                 f"AND {sql.refundable('status')} AND EXISTS (SELECT 1 FROM balances "
-                 "WHERE merchant_id = ? AND currency = ? AND unsettled >= ?)")
+                 f"AND {sql.refundable('status')}")
 
 DEBIT = """
 UPDATE balances SET unsettled = unsettled - ? WHERE merchant_id = ? AND currency = ? AND unsettled >= ?
@@ -262,17 +258,21 @@ class SqliteStore:
     @staticmethod
     def _apply_many(connection: sqlite3.Connection, many: list[tuple]) -> list:
         """Apply each of `many` in one write transaction: one whose credentials no
-        longer hold, or whose order or balance moved since its read, writes nothing."""
+        longer hold writes nothing, one whose order or balance moved since its read
+        is rolled back to its own savepoint."""
         results = []
         with _WriteTransaction(connection) as db:
             for command, decision, snapshot, signed_by, request_id in many:
                 if signed_by is not None and not _credentials_hold(db, command.merchant_id, signed_by):
                     results.append(Interrupted.CREDENTIALS_CHANGED)
                     continue
+                db.execute("SAVEPOINT one_refund")
                 try:
                     results.append(_insert_refund(db, command, decision, snapshot.order, utc_now(), request_id))
                 except _StateMoved:
+                    db.execute("ROLLBACK TO one_refund")
                     results.append(Interrupted.STATE_MOVED)
+                db.execute("RELEASE one_refund")
         return results
 
     async def record_decline(self, command: domain.RefundCommand, decision: domain.Decision,
@@ -468,17 +468,16 @@ def _credentials_hold(db: sqlite3.Connection, merchant_id: int, signed_by: Signe
 
 def _insert_refund(db: sqlite3.Connection, command: domain.RefundCommand, decision: domain.Decision,
                    order: domain.Order, now: datetime, request_id: str | None) -> domain.Transaction:
-    """Mark the order (only in the status read, and while the balance covers the
-    amount), debit the balance, insert the refund, its audit row and journal
-    entry; _StateMoved, having written nothing, when the order or the balance
-    moved since the read."""
+    """Mark the order (only in the status read), debit the balance (only while it
+    covers the amount), insert the refund, its audit row and journal entry;
+    _StateMoved when the order or the balance moved since the read."""
     at = to_text(now)
-    if not db.execute(MARK_REFUNDED, (decision.new_status, at, order.id, order.merchant_id, order.status,
-                                      order.merchant_id, order.currency, decision.amount)).rowcount:
-        raise _StateMoved()  # nothing written
-    debited = db.execute(DEBIT, (decision.amount, order.merchant_id, order.currency, decision.amount)).fetchone()
-    if debited is None:  # cannot be (one writer, and the mark saw the balance cover it): roll it all back
-        raise sqlite3.IntegrityError("the balance moved within the write transaction")
+    marked = db.execute(MARK_REFUNDED, (decision.new_status, at, order.id, order.merchant_id,
+                                        order.status)).rowcount
+    debited = db.execute(DEBIT, (decision.amount, order.merchant_id, order.currency, decision.amount)).fetchone() \
+        if marked else None
+    if debited is None:
+        raise _StateMoved()
     refund_id, sale_pan = db.execute(NEW_REFUND, (order.id,)).fetchone()
     refund = domain.Transaction(refund_id, order.merchant_id, order.id, domain.REFUND, order.currency,
                                 decision.amount, domain.TRANSACTION_SUCCEEDED, sale_pan, stan_for(refund_id), now)
