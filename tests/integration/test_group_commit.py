@@ -198,30 +198,35 @@ def test_in_a_batch_a_refund_whose_key_was_revoked_writes_nothing_and_the_others
 
 def test_sqlite_applies_in_one_transaction_check_each_refunds_own_key_and_state(sqlite_url):
     """SQLite's batch of applies (SqliteStore._apply_many): a refund whose key
-    was revoked since its read, or whose order was refunded since, is left out
-    (nothing of it written, its own answer); the others in the batch are applied."""
-    from service.stores.port import Interrupted, SignedBy
+    was revoked since its read, whose order was refunded since, or whose
+    merchant's balance no longer covers it, is left out (nothing of it written,
+    its own answer); the others in the batch are applied."""
+    from service.clock import utc_now
+    from service.stores.port import Interrupted, Settlement, SignedBy
     from tests.support.data import deactivate_key, insert_key_directly
     from tests.support.keys import generated_key, public_pem
 
     load(sqlite_url, "1000.00")
     insert_key_directly(sqlite_url, MERCHANT, "old", public_pem(generated_key("old")))
     insert_key_directly(sqlite_url, MERCHANT, "new", public_pem(generated_key("new")))
-    signers = {1: "new", 2: "old", 3: "new", 4: "new"}
-    commands = {o: domain.RefundCommand(MERCHANT, o, None, "10.00") for o in (1, 2, 3, 4)}
+    signers = {1: "new", 2: "old", 3: "new", 4: "new", 1001: None}
+    commands = {o: domain.RefundCommand(MERCHANT if o < 1000 else OTHER, o, None, "10.00") for o in signers}
 
     async def work(store):
         snapshots = {o: await store.read_snapshot(c) for o, c in commands.items()}
         deactivate_key(sqlite_url, MERCHANT, "old")  # revoked after the read
         await refunds.refund(store, commands[3])  # refunded after the read
-        many = [(commands[o], domain.decide(commands[o], snapshots[o]), snapshots[o], SignedBy(signers[o]), None)
-                for o in (1, 2, 3, 4)]
+        await store.settle(Settlement("drain", OTHER, "HKD", 99_500, 0, utc_now()))  # 5.00 left after the read
+        many = [(commands[o], domain.decide(commands[o], snapshots[o]), snapshots[o],
+                 SignedBy(signers[o]) if signers[o] else None, None) for o in signers]
         return await store._run(store._apply_many, many)
 
-    first, second, third, fourth = with_store(sqlite_url, work)
+    first, second, third, fourth, fifth = with_store(sqlite_url, work)
     assert isinstance(first, domain.Transaction) and isinstance(fourth, domain.Transaction)
-    assert (second, third) == (Interrupted.CREDENTIALS_CHANGED, Interrupted.STATE_MOVED)
-    ledger = check_ledger(sqlite_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
+    assert (second, third, fifth) == (Interrupted.CREDENTIALS_CHANGED, Interrupted.STATE_MOVED,
+                                      Interrupted.STATE_MOVED)
+    # OTHER's balance is what the settlement left: the fifth refund neither debited it nor marked its order
+    ledger = check_ledger(sqlite_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 500})
     assert sorted(ledger.refunds) == [1, 3, 4] and all(len(made) == 1 for made in ledger.refunds.values())
     assert "the ledger holds" in admin(sqlite_url, "verify")
 
