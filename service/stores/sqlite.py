@@ -70,14 +70,6 @@ CREDENTIALS_HOLD = """
 SELECT 1 FROM merchants m JOIN merchant_keys k ON k.merchant_id = m.id
 WHERE m.id = ? AND m.status = 'ACTIVE' AND (NOT m.require_timestamp OR ?) AND k.key_id = ? AND k.active"""
 
-# The snapshot of an order by id or by merchant reference; and a signed
-# refund's read, in one row: whether its credentials still hold, then the
-# snapshot (NULLs: no such order), with CREDENTIALS_HOLD's parameters first.
-BY_ID, BY_REFERENCE = "o.id = ?", "o.merchant_reference = ?"
-SNAPSHOTS = {by: SNAPSHOT + by for by in (BY_ID, BY_REFERENCE)}
-SIGNED_SNAPSHOTS = {by: f"SELECT c.hold, s.* FROM (SELECT EXISTS ({CREDENTIALS_HOLD}) AS hold) c\n"
-                        f"LEFT JOIN ({SNAPSHOT}{by}) s ON 1" for by in (BY_ID, BY_REFERENCE)}
-
 # Marks the order only in the status the decision read, and only a refundable one.
 MARK_REFUNDED = ("UPDATE orders SET status = ?, update_time = ? WHERE id = ? AND merchant_id = ? AND status = ? "
                  f"AND {sql.refundable('status')}")
@@ -110,19 +102,6 @@ def to_text(moment: datetime) -> str:
 
 def from_text(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
-
-
-def _order_key(command: domain.RefundCommand) -> tuple[str, int | str]:
-    """How the command names its order (BY_ID or BY_REFERENCE), and the value."""
-    if command.order_id is not None:
-        return BY_ID, command.order_id
-    return BY_REFERENCE, command.merchant_reference
-
-
-def _snapshot(row) -> domain.OrderSnapshot:
-    """From SNAPSHOT's columns: order (9), capability, balance, refund transaction (10, NULLs if none)."""
-    refund = _transaction(row[11:]) if row[11] is not None else None
-    return domain.OrderSnapshot(_order(row), row[9], row[10], refund)
 
 
 def _order(row) -> domain.Order:
@@ -219,23 +198,24 @@ class SqliteStore:
 
     @classmethod
     def _try_refund(cls, db: sqlite3.Connection, command: domain.RefundCommand, signed_by: SignedBy | None) -> Attempt:
-        if signed_by is None:
-            return Attempt(snapshot=cls._read_snapshot(db, command))
-        by, order = _order_key(command)
-        row = db.execute(SIGNED_SNAPSHOTS[by], (command.merchant_id, signed_by.timestamped, signed_by.key_id,
-                                                command.merchant_id, order)).fetchone()
-        if not row[0]:
+        if signed_by is not None and not _credentials_hold(db, command.merchant_id, signed_by):
             return Attempt(interrupted=Interrupted.CREDENTIALS_CHANGED)
-        return Attempt(snapshot=_snapshot(row[1:]) if row[1] is not None else None)
+        return Attempt(snapshot=cls._read_snapshot(db, command))
 
     async def read_snapshot(self, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
         return await self._run(self._read_snapshot, command)
 
     @staticmethod
     def _read_snapshot(db: sqlite3.Connection, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
-        by, order = _order_key(command)
-        row = db.execute(SNAPSHOTS[by], (command.merchant_id, order)).fetchone()
-        return None if row is None else _snapshot(row)
+        if command.order_id is not None:
+            row = db.execute(SNAPSHOT + "o.id = ?", (command.merchant_id, command.order_id)).fetchone()
+        else:
+            row = db.execute(SNAPSHOT + "o.merchant_reference = ?",
+                             (command.merchant_id, command.merchant_reference)).fetchone()
+        if row is None:
+            return None
+        refund = _transaction(row[11:]) if row[11] is not None else None
+        return domain.OrderSnapshot(_order(row), row[9], row[10], refund)
 
     async def apply_refund(self, command: domain.RefundCommand, decision: domain.Decision,
                            snapshot: domain.OrderSnapshot, signed_by: SignedBy | None) \
