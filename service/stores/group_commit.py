@@ -17,8 +17,8 @@ batch is sent in one round trip and runs as one transaction, which takes each
 balance row's lock once and flushes once. Each refund statement first takes its
 merchant's advisory lock (postgres_refund.MERCHANT_LOCK), so a batch, in
 merchant order, takes them in increasing order: no two refund transactions of
-two processes wait for each other in a cycle. A refund that finds its lane idle goes alone at once:
-nothing waits for a batch to fill.
+two processes wait for each other in a cycle. A refund that finds its lane
+idle goes alone at once: nothing waits for a batch to fill.
 
 A batch commits or rolls back as a whole:
 - if one of its statements fails on a constraint, or PostgreSQL rolls it back

@@ -15,10 +15,11 @@ Each statement runs on its own, so each is atomic (no BEGIN/COMMIT):
   status that was read (so two attempts on one order cannot both pass), the
   balance is debited only `WHERE unsettled >= amount`.
 Both first take their merchant's advisory lock (MERCHANT_LOCK, held to the
-commit: no deadlock between refunds). Both guard themselves the same way: if the order was marked but the balance no
-longer covers the amount, the refund row's amount is NULL, which NOT NULL
-refuses, so the statement fails as a whole and an order is never marked
-without its debit nor debited without its refund row. Behind them stand the
+commit: no deadlock between refunds). Both guard themselves the same way: if
+the order was marked but the balance no longer covers the amount, the refund
+row's amount is NULL, which NOT NULL refuses, so the statement fails as a
+whole and an order is never marked without its debit nor debited without its
+refund row. Behind them stand the
 unique index `uq_one_refund_per_order` and the check `unsettled >= 0`.
 """
 

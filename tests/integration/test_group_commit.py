@@ -282,11 +282,11 @@ def test_a_refund_statement_chosen_as_deadlock_victim_runs_again_and_is_approved
 @pytest.mark.postgres
 def test_two_processes_refunding_the_same_orders_at_once_never_deadlock(postgres_url):
     """Two service processes (two stores, two pools) get the same refunds at once,
-    in opposite orders, on a merchant with balances in two currencies. A batch
-    takes its orders' rows, then their balance rows, each in one order, before
-    it refunds: no batch waits for an order while holding a balance row, so
-    PostgreSQL finds no deadlock (detected within 20 ms here, were there one)
-    and rolls nothing back. Each order is still refunded exactly once."""
+    in opposite orders, on a merchant with balances in two currencies. Each
+    refund statement first takes the merchant's advisory lock, so no refund
+    holds an order or a balance row while waiting for another refund: PostgreSQL
+    finds no deadlock (detected within 20 ms here, were there one) and rolls
+    nothing back. Each order is still refunded exactly once."""
     orders = [data.order(o, MERCHANT, "10.00", currency="HKD" if o % 2 else "USD") for o in range(1, 121)]
     data.load(postgres_url, [data.merchant(MERCHANT, balances={"HKD": "1000.00", "USD": "1000.00"})], orders)
     engine = db.make_engine(postgres_url)
