@@ -19,8 +19,8 @@ commit: no deadlock between refunds). Both guard themselves the same way: if
 the order was marked but the balance no longer covers the amount, the refund
 row's amount is NULL, which NOT NULL refuses, so the statement fails as a
 whole and an order is never marked without its debit nor debited without its
-refund row. Behind them stand the
-unique index `uq_one_refund_per_order` and the check `unsettled >= 0`.
+refund row. Behind them stand the unique index `uq_one_refund_per_order` and
+the check `unsettled >= 0`.
 """
 
 from __future__ import annotations
