@@ -52,26 +52,24 @@ DATABASE_ERRORS = Counter("refund_service_database_errors",
 
 class _GroupCommitCollector:
     """The store's group commit (service/stores/group_commit.py), read when
-    scraped: it counts for itself, nothing is added to the refund path."""
+    scraped: it counts for itself, nothing is added to the refund path. Zeros
+    until a store is watched, so the series exist from the first scrape."""
 
     group = None  # the store's GroupCommit
+    _FAMILIES = (
+        ("refund_service_refund_batches", "batches",
+         "Database transactions that applied two or more refunds together (group commit)"),
+        ("refund_service_refunds_batched", "batched",
+         "Refund attempts (approved or found to decline) run in such a transaction"),
+        ("refund_service_refund_batches_rolled_back", "rolled_back",
+         "Batches the database rolled back as a whole; their refunds then ran one by one"),
+        ("refund_service_refund_statements_rolled_back", "alone_rolled_back",
+         "Refund statements run alone that the database rolled back (a deadlock's victim) and that then ran again"),
+    )
 
     def collect(self):
-        if self.group is None:
-            return
-        yield CounterMetricFamily("refund_service_refund_batches",
-                                  "Database transactions that applied two or more refunds together (group commit)",
-                                  value=self.group.batches)
-        yield CounterMetricFamily("refund_service_refunds_batched",
-                                  "Refund attempts (approved or found to decline) run in such a transaction",
-                                  value=self.group.batched)
-        yield CounterMetricFamily("refund_service_refund_batches_rolled_back",
-                                  "Batches the database rolled back as a whole; their refunds then ran one by one",
-                                  value=self.group.rolled_back)
-        yield CounterMetricFamily("refund_service_refund_statements_rolled_back",
-                                  "Refund statements run alone that the database rolled back (a deadlock's "
-                                  "victim) and that then ran again",
-                                  value=self.group.alone_rolled_back)
+        for name, count, documentation in self._FAMILIES:
+            yield CounterMetricFamily(name, documentation, value=getattr(self.group, count) if self.group else 0)
 
 
 _GROUP_COMMIT = _GroupCommitCollector()
