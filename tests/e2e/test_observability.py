@@ -232,3 +232,53 @@ def test_the_service_counts_its_group_commits_on_postgresql(postgres_url, start_
     assert sample(text, "refund_service_refund_batches_rolled_back_total") == 0
     assert sample(text, "refund_service_refund_statements_rolled_back_total") == 0
     assert sample(text, "refund_service_refunds_total", method="Refund", response_code="0000") == 60
+
+
+@pytest.mark.postgres
+def test_two_services_refunding_the_same_orders_at_once_roll_nothing_back(postgres_url, start_service):
+    """Two refund-service processes get the same 120 refunds at once, in opposite
+    orders, for a merchant with balances in two currencies, so both form batches.
+    Each refund statement takes its merchant's advisory lock first, so no refund
+    of one process waits in a cycle for one of the other: PostgreSQL, told to look
+    for deadlocks after 20 ms, rolls nothing back (both services' counters stay
+    0), and each order is refunded exactly once."""
+    import collections
+    import concurrent.futures
+
+    from service import db
+    from tests.support import data
+
+    merchant, orders = 3600002, list(range(1, 121))
+    data.load(postgres_url, [data.merchant(merchant, balances={"HKD": "1000.00", "USD": "1000.00"})],
+              [data.order(o, merchant, "1.00", currency="HKD" if o % 2 else "USD") for o in orders])
+    engine = db.make_engine(postgres_url)
+    with engine.begin() as connection:  # before the services connect: their sessions take it
+        database = connection.execute(sa.text("SELECT current_database()")).scalar()
+        connection.execute(sa.text(f'ALTER DATABASE "{database}" SET deadlock_timeout = \'20ms\''))
+    engine.dispose()
+    services = [start_service(postgres_url, "--metrics-listen", "127.0.0.1:0") for _ in range(2)]
+    channels = [grpc.insecure_channel(service.address) for service in services]
+    try:
+        stubs = [refund_pb2_grpc.RefundServiceStub(channel) for channel in channels]
+
+        def refund(call):
+            stub, order_id = call
+            try:
+                return stub.Refund(refund_pb2.RefundRequest(merchant_id=str(merchant), order_id=order_id,
+                                                            amount="1.00"), timeout=30).response_code
+            except grpc.RpcError as error:  # 3003 over gRPC: ALREADY_EXISTS
+                return error.code().name
+
+        calls = [call for pair in zip(orders, reversed(orders), strict=True)
+                 for call in ((stubs[0], pair[0]), (stubs[1], pair[1]))]
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            codes = collections.Counter(pool.map(refund, calls))
+    finally:
+        for channel in channels:
+            channel.close()
+    assert codes == {"0000": 120, "ALREADY_EXISTS": 120}
+    texts = [metrics_text(_metrics_url(service)) for service in services]
+    assert sum(sample(text, "refund_service_refunds_batched_total") for text in texts) >= 4, "no batches formed"
+    for text in texts:
+        assert sample(text, "refund_service_refund_batches_rolled_back_total") == 0
+        assert sample(text, "refund_service_refund_statements_rolled_back_total") == 0
