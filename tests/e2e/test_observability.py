@@ -245,17 +245,13 @@ def test_two_services_refunding_the_same_orders_at_once_roll_nothing_back(postgr
     import collections
     import concurrent.futures
 
-    from service import db
     from tests.support import data
+    from tests.support.postgres import look_for_deadlocks_after
 
     merchant, orders = 3600002, list(range(1, 121))
     data.load(postgres_url, [data.merchant(merchant, balances={"HKD": "1000.00", "USD": "1000.00"})],
               [data.order(o, merchant, "1.00", currency="HKD" if o % 2 else "USD") for o in orders])
-    engine = db.make_engine(postgres_url)
-    with engine.begin() as connection:  # before the services connect: their sessions take it
-        database = connection.execute(sa.text("SELECT current_database()")).scalar()
-        connection.execute(sa.text(f'ALTER DATABASE "{database}" SET deadlock_timeout = \'20ms\''))
-    engine.dispose()
+    look_for_deadlocks_after(postgres_url, "20ms")  # before the services connect: their sessions take it
     services = [start_service(postgres_url, "--metrics-listen", "127.0.0.1:0") for _ in range(2)]
     channels = [grpc.insecure_channel(service.address) for service in services]
     try:

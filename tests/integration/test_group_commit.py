@@ -17,6 +17,7 @@ from tests.support import data
 from tests.support.data import admin, balance_of
 from tests.support.in_process import with_store
 from tests.support.ledger import check_ledger
+from tests.support.postgres import look_for_deadlocks_after
 
 MERCHANT, OTHER = 3400001, 3400002
 ORDERS = 60
@@ -289,11 +290,7 @@ def test_two_processes_refunding_the_same_orders_at_once_never_deadlock(postgres
     nothing back. Each order is still refunded exactly once."""
     orders = [data.order(o, MERCHANT, "10.00", currency="HKD" if o % 2 else "USD") for o in range(1, 121)]
     data.load(postgres_url, [data.merchant(MERCHANT, balances={"HKD": "1000.00", "USD": "1000.00"})], orders)
-    engine = db.make_engine(postgres_url)
-    with engine.begin() as connection:
-        database = connection.execute(sa.text("SELECT current_database()")).scalar()
-        connection.execute(sa.text(f'ALTER DATABASE "{database}" SET deadlock_timeout = \'20ms\''))
-    engine.dispose()
+    look_for_deadlocks_after(postgres_url, "20ms")
     commands = [domain.RefundCommand(MERCHANT, o, None, "10.00") for o in range(1, 121)]
 
     async def work(first):

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from service import db
+from service.stores.sql import literal as sql_literal
 from tests.support.processes import free_port
 
 PG_ADMIN_URL = os.environ.get("REFUND_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -60,6 +61,18 @@ def fresh_postgres_database(prefix: str = "refund_test"):
     finally:
         with engine.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def look_for_deadlocks_after(url: str, timeout: str) -> None:
+    """Sessions opened on the database of `url` from now on look for deadlocks
+    after `timeout` (e.g. '20ms') instead of 1 s: a test sees one at once."""
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as connection:
+            database = connection.execute(sa.text("SELECT current_database()")).scalar()
+            connection.execute(sa.text(f'ALTER DATABASE "{database}" SET deadlock_timeout = {sql_literal(timeout)}'))
+    finally:
         engine.dispose()
 
 
