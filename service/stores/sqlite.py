@@ -433,9 +433,10 @@ class SqliteStore:
         self._executor.shutdown(wait=True)
 
 
-def _transaction_values(txn: domain.Transaction) -> tuple:
+def _transaction_values(txn: domain.Transaction, create_time: str | None = None) -> tuple:
+    """The columns of `txn`; `create_time`, when given, is its time already as text."""
     return (txn.id, txn.order_id, txn.merchant_id, txn.type, txn.currency, txn.amount, txn.status, txn.masked_pan,
-            txn.stan, to_text(txn.create_time))
+            txn.stan, create_time or to_text(txn.create_time))
 
 
 class _StateMoved(Exception):
@@ -463,7 +464,7 @@ def _insert_refund(db: sqlite3.Connection, command: domain.RefundCommand, decisi
                                 decision.amount, domain.TRANSACTION_SUCCEEDED, sale_pan, stan_for(refund_id), now)
     db.execute(
         "INSERT INTO transactions (id, order_id, merchant_id, type, currency, amount, status, masked_pan, stan,"
-        " create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(refund))
+        " create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _transaction_values(refund, at))
     db.execute(AUDIT, (command.merchant_id, order.id, command.merchant_reference, command.amount_text,
                        decision.code.value, refund_id, at))
     db.execute(JOURNAL, (order.merchant_id, order.currency, domain.REFUND, -decision.amount, debited[0], order.id,
