@@ -314,3 +314,30 @@ def test_two_processes_refunding_the_same_orders_at_once_never_deadlock(postgres
     for currency in ("HKD", "USD"):
         assert balance_of(postgres_url, MERCHANT, currency) == 100000 - 60 * 1000
     assert "the ledger holds" in admin(postgres_url, "verify")
+
+
+@pytest.mark.postgres
+def test_the_merchant_lock_never_waits_for_the_event_sequencers_lock(postgres_url):
+    """The sequencer holds its advisory lock (outbox.SEQUENCER_LOCK, a bigint key)
+    for as long as its session lives. A merchant whose id is that same number
+    still refunds at once: MERCHANT_LOCK takes two int4 keys, another key space.
+    With the bigint form the refund would wait for the sequencer for ever (here:
+    until the store's command timeout, then UNAVAILABLE)."""
+    from service import outbox
+
+    merchant = outbox.SEQUENCER_LOCK
+    data.load(postgres_url, [data.merchant(merchant, balances={"HKD": "100.00"})],
+              [data.order(1, merchant, "10.00")])
+
+    async def work(store):
+        for _ in range(100):  # the sequencer takes its lock once its session is up
+            async with store.connection() as conn:
+                if await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted"):
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the sequencer never took its lock: the test would prove nothing")
+        return await refunds.refund(store, domain.RefundCommand(merchant, 1, None, "10.00"))
+
+    result = with_store(postgres_url, work, command_timeout=2.0)
+    assert result.code is domain.ResponseCode.SUCCESS
