@@ -46,7 +46,7 @@ def rsa_verify_floor(public_pem: str, private_pem: bytes, seconds: float = 1.5) 
 
 
 def grpc_floor(piece: Slice, concurrency: int, duration: float, client: str) -> dict:
-    """The trivial servicer driven by `client` ("node" or "python": the latter is the same
+    """The trivial servicer driven by `client` ("go", "node" or "python": the last is the same
     grpc.aio client as the edge's, so its CPU per call is the edge's gRPC client floor)."""
     server = Process("trivial", [sys.executable, "-m", "bench.trivial_server"], r"trivial-server listening on (\S+)")
     try:

@@ -18,8 +18,23 @@ from bench.processes import children_cpu, cpu_seconds, machine_busy, pg_cpu_delt
 from bench.workload import AMOUNT, MERCHANTS, ROOT, Slice, split_file
 
 LUA = Path(__file__).with_name("refund.lua")
-# The gRPC load generator: bench/loadgen_grpc.mjs (Node.js) when node is installed, else bench/loadgen_grpc.py.
-DEFAULT_GRPC_CLIENT = "node" if shutil.which("node") else "python"
+# Go's gRPC from Debian's packages (golang-go golang-google-grpc-dev), built in GOPATH mode.
+GO_PATH = Path("/usr/share/gocode")
+GO_SOURCE = Path(__file__).with_name("loadgen_grpc.go")
+GO_BINARY = ROOT / ".tools" / "loadgen_grpc"
+# The gRPC load generator, the cheapest there is: bench/loadgen_grpc.go when Go and its gRPC are
+# installed, else bench/loadgen_grpc.mjs (Node.js) when node is, else bench/loadgen_grpc.py.
+DEFAULT_GRPC_CLIENT = "go" if shutil.which("go") and (GO_PATH / "src/google.golang.org/grpc").is_dir() \
+    else "node" if shutil.which("node") else "python"
+
+
+def go_loadgen() -> Path:
+    """bench/loadgen_grpc.go built (again when its source is newer) into .tools/."""
+    if not GO_BINARY.exists() or GO_BINARY.stat().st_mtime < GO_SOURCE.stat().st_mtime:
+        GO_BINARY.parent.mkdir(exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(GO_BINARY), str(GO_SOURCE)], check=True, cwd=ROOT,
+                       env={**os.environ, "GO111MODULE": "off", "GOPATH": str(GO_PATH)})
+    return GO_BINARY
 
 
 def wrk(address: str, bodies: Path, connections: int, duration: float, extra: list | None = None) -> subprocess.Popen:
@@ -43,8 +58,10 @@ def wrk_result(process: subprocess.Popen) -> dict:
 
 def grpc_loadgen(targets: list[str], piece: Slice, concurrency: int, duration: float,
                  client: str = DEFAULT_GRPC_CLIENT) -> subprocess.Popen:
-    generator = ["node", str(Path(__file__).with_name("loadgen_grpc.mjs"))] if client == "node" \
-        else [sys.executable, "-m", "bench.loadgen_grpc"]
+    generators = {"go": lambda: [str(go_loadgen())],
+                  "node": lambda: ["node", str(Path(__file__).with_name("loadgen_grpc.mjs"))],
+                  "python": lambda: [sys.executable, "-m", "bench.loadgen_grpc"]}
+    generator = generators[client]()
     argv = [*generator, "--first-order", str(piece.first), "--orders",
             str(piece.count), "--amount", AMOUNT, "--concurrency", str(concurrency), "--duration", str(duration)]
     for target in targets:

@@ -12,6 +12,9 @@ import subprocess
 from bench import targets as issue16
 from bench.workload import ROOT
 
+GRPC_CLIENTS = {"go": "bench/loadgen_grpc.go (Go's grpc) for gRPC",
+                "node": "bench/loadgen_grpc.mjs (Node.js http2) for gRPC",
+                "python": "bench/loadgen_grpc.py (a Python grpc.aio client) for gRPC"}
 
 def machine() -> dict:
     import asyncpg
@@ -40,8 +43,7 @@ def markdown(report: dict) -> str:
            f"fsync={report['postgres']['fsync']})" if "postgres" in report else "") + ".",
         f"Each run {s['duration_s']:g} s, every request on a different order, {s['merchants']} merchants, "
         f"amount {s['amount']} HKD (full refunds). Load generators run on the same 2 cores: wrk for the edge, "
-        + ("bench/loadgen_grpc.mjs (Node.js http2) for gRPC" if s.get("grpc_client") == "node" else
-           "bench/loadgen_grpc.py (a Python grpc.aio client) for gRPC")
+        + GRPC_CLIENTS.get(s.get("grpc_client"), GRPC_CLIENTS["python"])
         + "; their CPU is in the `loadgen` column, not in the total.",
         "",
         *targets_section(report),

@@ -264,9 +264,10 @@ def main(argv=None) -> int:
     parser.add_argument("--merchants", type=int, default=int(os.environ.get("BENCH_MERCHANTS", 32)),
                         help="merchants the orders are spread over, each with its own key and balance (default 32; "
                              "1 puts every refund on one balance row)")
-    parser.add_argument("--grpc-client", choices=["node", "python"], default=DEFAULT_GRPC_CLIENT,
-                        help="gRPC load generator: bench/loadgen_grpc.mjs (Node.js http2, the default when node is "
-                             "installed) or bench/loadgen_grpc.py (grpc.aio)")
+    parser.add_argument("--grpc-client", choices=["go", "node", "python"], default=DEFAULT_GRPC_CLIENT,
+                        help="gRPC load generator: bench/loadgen_grpc.go (Go's grpc, the default when Go and "
+                             "golang-google-grpc-dev are installed), bench/loadgen_grpc.mjs (Node.js http2, the "
+                             "default when only node is) or bench/loadgen_grpc.py (grpc.aio)")
     parser.add_argument("--skip-scaleout", action="store_true")
     parser.add_argument("--tracing", action="store_true",
                         help="also measure OpenTelemetry tracing on (100%% sampled, OTLP) against off, on PostgreSQL")
