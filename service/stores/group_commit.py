@@ -47,9 +47,13 @@ from dataclasses import dataclass, field
 # The most refunds in one batch: bounds how long a batch holds its rows and how
 # long its last refund waits for the first.
 BATCH_LIMIT = 32
-# Lanes per process. bench.ab on 2 cores, 32 connections: 1 or 2 lanes took the
-# signed edge from 770 to 1,030-1,066 refunds/s, 4 lanes to 911/s (docs/performance.md).
-LANES = 2
+# Lanes per process. On 2 cores, 32 connections (bench.ab, docs/performance.md): one
+# lane against two, 7 alternated rounds, 1.10x the signed edge's rate (faster in 6 of 7)
+# and 1.11x gRPC's (7 of 7), PostgreSQL CPU per refund 352 -> 284 us: fewer, larger
+# batches, so fewer commits. The cost: a refund waiting for a row lock that another
+# client holds (an open transaction on a balance) holds up the refunds of every
+# merchant of its lane, up to --db-timeout; more lanes spread them.
+LANES = 1
 
 
 @dataclass
