@@ -48,6 +48,14 @@ def chain_cpu(result: dict) -> float:
     return sum(v for k, v in result["cpu_us"].items() if k not in ("loadgen", "postgres_aux"))
 
 
+def machine_cpu(result: dict) -> float:
+    """CPU µs per refund of everything the run kept busy: the chain, its database's
+    backends, PostgreSQL's auxiliaries and the load generator. Two chains that each
+    turned all of the machine's cores into refunds would have rates in the inverse
+    ratio of this: a rate target's `cpu_bound`."""
+    return sum(result["cpu_us"].values())
+
+
 @dataclass
 class Target:
     text: str
@@ -209,6 +217,9 @@ def ratios(targets: dict, soak: dict | None) -> list[dict]:
         value = statistics.median(per_round)
         row.update(ratio=value, low=min(per_round), high=max(per_round),
                    met=value >= target.goal if target.at_least else value <= target.goal)
+        if target.metric == "rate":
+            row["cpu_bound"] = statistics.median(machine_cpu(b) / machine_cpu(a)
+                                                 for a, b in zip(top["runs"], bottom["runs"], strict=False))
         rows.append(row)
     if soak:
         growth = {name: soak[name]["growth_after_first_fifth_mib"] / soak[name]["after_first_fifth_mib"] * 100
@@ -235,7 +246,8 @@ def medians(targets: dict) -> dict[str, dict]:
                      "cpu": statistics.median(chain_cpu(r) for r in runs),
                      "cpu_us": {k: statistics.median(r["cpu_us"][k] for r in runs) for k in runs[0]["cpu_us"]},
                      "wrapped": sum(r.get("wrapped", 0) for r in runs), "answers": answers(runs),
-                     "foreign_cpu_pct": statistics.median(r.get("foreign_cpu_pct", 0) for r in runs)}
+                     "foreign_cpu_pct": statistics.median(r.get("foreign_cpu_pct", 0) for r in runs),
+                     "busy_pct": statistics.median(r.get("machine_busy_pct", 0) for r in runs)}
     return out
 
 
