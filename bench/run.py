@@ -56,7 +56,17 @@ from pathlib import Path
 from bench import targets as issue16
 from bench.extra_runs import profile_runs, scale_out, soak, tracing_cost
 from bench.floors import chain_floor, grpc_floor, rsa_verify_floor, shares, speed_gauge, store_floor
-from bench.load import DEFAULT_GRPC_CLIENT, edge_run, grpc_loadgen, json_result, measure, show, wrk, wrk_result
+from bench.load import (
+    DEFAULT_GRPC_CLIENT,
+    edge_run,
+    go_loadgen,
+    grpc_loadgen,
+    json_result,
+    measure,
+    show,
+    wrk,
+    wrk_result,
+)
 from bench.processes import Postgres, project_chain, rss_mib
 from bench.report import machine, markdown
 from bench.workload import (
@@ -281,6 +291,8 @@ def main(argv=None) -> int:
     if shutil.which("wrk") is None:
         print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.grpc_client == "go":
+        go_loadgen()  # built before any run: the build's CPU would count as a load generator's
     report = run(args)
     text = markdown(report)
     Path(f"{args.report}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")

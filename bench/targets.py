@@ -164,8 +164,9 @@ def run_targets(arms: list[Arm], rounds: int, duration: float, slices: dict[str,
 def round_order(arms: list, r: int) -> list:
     """The arms of round `r`: rotated by one each round, and every other round in reverse,
     so that no arm always follows the same one. Rotation alone put the project's signed
-    edge right after the conventional peer in 5 of 7 rounds; it ran slower there (the
-    peer's heavy run leaves the machine and PostgreSQL's buffers in another state)."""
+    edge right after the conventional peer in 5 of 7 rounds, where its rate was lower in
+    the runs measured (docs/performance.md, seventh round); whatever the cause, no arm
+    should carry it alone."""
     turned = arms[r % len(arms):] + arms[:r % len(arms)]
     return turned if r % 2 == 0 else turned[::-1]
 
