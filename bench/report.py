@@ -16,6 +16,7 @@ GRPC_CLIENTS = {"go": "bench/loadgen_grpc.go (Go's grpc) for gRPC",
                 "node": "bench/loadgen_grpc.mjs (Node.js http2) for gRPC",
                 "python": "bench/loadgen_grpc.py (a Python grpc.aio client) for gRPC"}
 
+
 def machine() -> dict:
     import asyncpg
     import grpc
