@@ -12,6 +12,8 @@ Metrics (served on --metrics-listen, see docs/operations.md):
     refund_service_refunds_batched_total                 refund attempts run in such a transaction
     refund_service_refund_batches_rolled_back_total      batches rolled back, their refunds run one by one
     refund_service_refund_statements_rolled_back_total   refunds alone rolled back and run again
+    refund_service_refunds_waiting_for_lane              refund attempts waiting for their lane now
+    refund_service_refund_lane_wait_seconds              how long the longest-waiting of them has waited
 
 The servicer tells the interceptor the outcome of a call with `note_outcome`
 (the response code is known there, not from the status code alone).
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import grpc
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service import telemetry, tracing
 
@@ -70,6 +72,13 @@ class _GroupCommitCollector:
     def collect(self):
         for name, count, documentation in self._FAMILIES:
             yield CounterMetricFamily(name, documentation, value=getattr(self.group, count) if self.group else 0)
+        waiting, longest = self.group.waiting() if self.group else (0, 0.0)
+        yield GaugeMetricFamily("refund_service_refunds_waiting_for_lane",
+                                "Refund attempts waiting for their lane's running transaction (group commit)",
+                                value=waiting)
+        yield GaugeMetricFamily("refund_service_refund_lane_wait_seconds",
+                                "Seconds the longest-waiting of them has waited so far (0: none waits)",
+                                value=longest)
 
 
 _GROUP_COMMIT = _GroupCommitCollector()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -52,7 +53,8 @@ BATCH_LIMIT = 32
 # and 1.11x gRPC's (7 of 7), PostgreSQL CPU per refund 352 -> 284 us: fewer, larger
 # batches, so fewer commits. The cost: a refund waiting for a row lock that another
 # client holds (an open transaction on a balance) holds up the refunds of every
-# merchant of its lane, up to --db-timeout; more lanes spread them.
+# merchant of its lane, up to --db-timeout (`waiting()`, exported as the lane gauges,
+# shows it); more lanes spread them.
 LANES = 1
 
 
@@ -62,6 +64,7 @@ class _Waiting:
     statement: str
     args: tuple
     future: asyncio.Future
+    since: float  # time.monotonic() when it began to wait
 
 
 @dataclass
@@ -98,13 +101,21 @@ class GroupCommit:
         running = self._running.get(lane)
         if running is not None:
             future = asyncio.get_running_loop().create_future()
-            running.waiting.append(_Waiting(merchant, statement, args, future))
+            running.waiting.append(_Waiting(merchant, statement, args, future, time.monotonic()))
             return await future
         self._running[lane] = _Lane()
         try:
             return await self._alone(statement, args)
         finally:
             self._hand_over(lane)
+
+    def waiting(self) -> tuple[int, float]:
+        """(refunds waiting for their lane, seconds the longest of them has waited). A
+        lane held for long by one transaction (another client holds a row lock that it
+        waits for) shows here. Safe from another thread (the metrics scrape): it reads copies."""
+        now = time.monotonic()
+        waiting = [w for lane in list(self._running.values()) for w in list(lane.waiting) if not w.future.done()]
+        return len(waiting), max((now - w.since for w in waiting), default=0.0)
 
     def _hand_over(self, lane: int) -> None:
         """The lane's running refund is done: start on those waiting, or mark the lane idle."""

@@ -235,6 +235,54 @@ def test_the_service_counts_its_group_commits_on_postgresql(postgres_url, start_
 
 
 @pytest.mark.postgres
+def test_a_lane_held_by_another_clients_row_lock_shows_in_the_lane_gauges(postgres_url, start_service):
+    """Another client holds merchant A's balance row: A's refund waits for it, and B's
+    refund waits behind A's in their lane (one lane: the process's). The service's lane
+    gauges show B waiting while it lasts; once the lock goes both are approved, and the
+    gauges are back to zero."""
+    import concurrent.futures
+    import time
+
+    from tests.support import data
+
+    first, second = 3610001, 3610002
+    data.load(postgres_url, [data.merchant(m, balances={"HKD": "100.00"}) for m in (first, second)],
+              [data.order(1, first, "1.00"), data.order(2, second, "1.00")])
+    service = start_service(postgres_url, "--metrics-listen", "127.0.0.1:0", "--db-lanes", "1")
+    url = _metrics_url(service)
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as lock, grpc.insecure_channel(service.address) as channel, \
+                concurrent.futures.ThreadPoolExecutor(2) as pool:
+            lock.execute(sa.text("SELECT 1 FROM balances WHERE merchant_id = :m FOR UPDATE"), {"m": first})
+            stub = refund_pb2_grpc.RefundServiceStub(channel)
+
+            def refund(merchant, order_id):
+                return stub.Refund(refund_pb2.RefundRequest(merchant_id=str(merchant), order_id=order_id,
+                                                            amount="1.00"), timeout=10).response_code
+
+            blocked = pool.submit(refund, first, 1)
+            time.sleep(0.3)  # A's statement is now waiting for the balance row
+            behind = pool.submit(refund, second, 2)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                text = metrics_text(url)
+                if sample(text, "refund_service_refund_lane_wait_seconds") >= 0.5:
+                    break
+                time.sleep(0.1)
+            assert sample(text, "refund_service_refunds_waiting_for_lane") == 1
+            assert 0.5 <= sample(text, "refund_service_refund_lane_wait_seconds") < 5
+            assert not behind.done()  # B waits for A's lock though nothing of B's is locked
+            lock.rollback()
+            assert (blocked.result(10), behind.result(10)) == ("0000", "0000")
+    finally:
+        engine.dispose()
+    text = metrics_text(url)
+    assert sample(text, "refund_service_refunds_waiting_for_lane") == 0
+    assert sample(text, "refund_service_refund_lane_wait_seconds") == 0
+
+
+@pytest.mark.postgres
 def test_two_services_refunding_the_same_orders_at_once_roll_nothing_back(postgres_url, start_service):
     """Two refund-service processes get the same 120 refunds at once, in opposite
     orders, for a merchant with balances in two currencies, so both form batches.

@@ -197,6 +197,30 @@ def test_a_caller_who_gives_up_while_waiting_is_left_out_and_the_others_are_answ
     assert database.batches == [[(1, 1), (1, 3), (1, 4)]]
 
 
+def test_waiting_counts_the_refunds_held_behind_a_busy_lane_and_how_long_the_first_has_waited():
+    """What refund_service_refunds_waiting_for_lane and ..._lane_wait_seconds export: a
+    lane held by one statement (a row lock another client holds), seen while it lasts."""
+    database = FakeDatabase()
+    group = GroupCommit(database.alone, database.together, lanes=1)
+
+    async def main():
+        idle = group.waiting()
+        first, waiting = await first_and_waiting(group, database, [("S", (m, 0)) for m in (1, 2, 3, 4)])
+        await asyncio.sleep(0.05)
+        held = group.waiting()
+        waiting[0].cancel()  # its caller gave up: no longer waiting
+        await asyncio.sleep(0)
+        after_one_left = group.waiting()
+        database.gate.set()
+        await asyncio.gather(first, *waiting[1:])
+        return idle, held, after_one_left, group.waiting()
+
+    idle, held, after_one_left, done = run(main())
+    assert idle == (0, 0.0) and done == (0, 0.0)
+    assert held[0] == 3 and 0.05 <= held[1] < 5  # merchants 2, 3, 4 behind merchant 1's statement
+    assert after_one_left[0] == 2 and after_one_left[1] >= held[1]
+
+
 def test_when_the_first_caller_gives_up_those_waiting_behind_it_still_run():
     database = FakeDatabase()
     group = GroupCommit(database.alone, database.together)
