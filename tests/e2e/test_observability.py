@@ -262,7 +262,12 @@ def test_a_lane_held_by_another_clients_row_lock_shows_in_the_lane_gauges(postgr
                                                             amount="1.00"), timeout=10).response_code
 
             blocked = pool.submit(refund, first, 1)
-            time.sleep(0.3)  # A's statement is now waiting for the balance row
+            with engine.connect() as watch:  # until A's statement waits for the balance row
+                waiting_for_a_lock = sa.text("SELECT count(*) FROM pg_stat_activity "
+                                             "WHERE datname = current_database() AND wait_event_type = 'Lock'")
+                deadline = time.monotonic() + 5
+                while watch.execute(waiting_for_a_lock).scalar() == 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)
             behind = pool.submit(refund, second, 2)
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline:
