@@ -33,17 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import (
-    DEFAULT_GRPC_CLIENT,
-    edge_run,
-    go_loadgen,
-    grpc_loadgen,
-    json_result,
-    measure,
-    show,
-    wrk,
-    wrk_result,
-)
+from bench.load import edge_run, grpc_loadgen, json_result, measure, prepare_grpc_client, show, wrk, wrk_result
 from bench.processes import Postgres, start_edge, start_service
 from bench.workload import ROOT, Layout, load_document, log, make_keys, prepare_database, sign_bodies
 
@@ -108,8 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pg-url", default=os.environ.get("REFUND_BENCH_PG_URL",
                                                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     args = parser.parse_args(argv)
-    if DEFAULT_GRPC_CLIENT == "go":
-        go_loadgen()  # built before any run: the build's CPU would count as a load generator's
+    prepare_grpc_client()
     modes = [tuple(m.split("-")) for m in args.modes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="refund-ab-"))
     versions: list[Version] = []

@@ -37,6 +37,21 @@ def go_loadgen() -> Path:
     return GO_BINARY
 
 
+def prepare_grpc_client(client: str = DEFAULT_GRPC_CLIENT) -> None:
+    """Build what `client` needs before any run: a build's CPU would count as the load generator's."""
+    if client == "go":
+        go_loadgen()
+
+
+def _generator(client: str) -> list[str]:
+    """argv of the gRPC load generator `client` ("go", "node" or "python")."""
+    if client == "go":
+        return [str(go_loadgen())]
+    if client == "node":
+        return ["node", str(Path(__file__).with_name("loadgen_grpc.mjs"))]
+    return [sys.executable, "-m", "bench.loadgen_grpc"]
+
+
 def wrk(address: str, bodies: Path, connections: int, duration: float, extra: list | None = None) -> subprocess.Popen:
     threads = 1 if connections < 4 else 2
     return subprocess.Popen(
@@ -58,11 +73,7 @@ def wrk_result(process: subprocess.Popen) -> dict:
 
 def grpc_loadgen(targets: list[str], piece: Slice, concurrency: int, duration: float,
                  client: str = DEFAULT_GRPC_CLIENT) -> subprocess.Popen:
-    generators = {"go": lambda: [str(go_loadgen())],
-                  "node": lambda: ["node", str(Path(__file__).with_name("loadgen_grpc.mjs"))],
-                  "python": lambda: [sys.executable, "-m", "bench.loadgen_grpc"]}
-    generator = generators[client]()
-    argv = [*generator, "--first-order", str(piece.first), "--orders",
+    argv = [*_generator(client), "--first-order", str(piece.first), "--orders",
             str(piece.count), "--amount", AMOUNT, "--concurrency", str(concurrency), "--duration", str(duration)]
     for target in targets:
         argv += ["--target", target]

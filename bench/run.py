@@ -59,10 +59,10 @@ from bench.floors import chain_floor, grpc_floor, rsa_verify_floor, shares, spee
 from bench.load import (
     DEFAULT_GRPC_CLIENT,
     edge_run,
-    go_loadgen,
     grpc_loadgen,
     json_result,
     measure,
+    prepare_grpc_client,
     show,
     wrk,
     wrk_result,
@@ -291,8 +291,7 @@ def main(argv=None) -> int:
     if shutil.which("wrk") is None:
         print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
-    if args.grpc_client == "go":
-        go_loadgen()  # built before any run: the build's CPU would count as a load generator's
+    prepare_grpc_client(args.grpc_client)
     report = run(args)
     text = markdown(report)
     Path(f"{args.report}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
