@@ -31,6 +31,15 @@ A batch commits or rolls back as a whole:
 No refund is answered before its batch's commit returned, so an answered
 refund is durable like any other.
 
+A lane's statements wait for a lock only so long (the store bounds them,
+LANE_LOCK_TIMEOUT on PostgreSQL): one that waits longer for a row that another
+client holds (an operator's open transaction on a balance) would hold up every
+refund behind it. It gives up (nothing written) with LockWaitTooLong, and its
+refund moves aside: to a side lane of its merchant's own, whose statements wait
+as long as a lone refund would (up to --db-timeout). While that side lane runs,
+the merchant's later refunds go there too, so a blocked merchant costs its lane
+one bounded wait, not one per refund, and the other merchants go on.
+
 SQLite (service/stores/sqlite.py) uses it with one lane (one writer) for its
 applies: a batch is one trip to its database thread and one BEGIN IMMEDIATE,
 each apply under a savepoint of its own.
@@ -45,6 +54,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from service.stores.port import StoreUnavailable
+
 # The most refunds in one batch: bounds how long a batch holds its rows and how
 # long its last refund waits for the first.
 BATCH_LIMIT = 32
@@ -56,6 +67,12 @@ BATCH_LIMIT = 32
 # merchant of its lane, up to --db-timeout (`waiting()`, exported as the lane gauges,
 # shows it); more lanes spread them.
 LANES = 1
+
+
+class LockWaitTooLong(StoreUnavailable):
+    """A lane's statement (or batch) gave up waiting for a lock, and wrote nothing.
+    Never the answer of a side lane's refund; were it one, it is a retry-safe
+    UNAVAILABLE like any other store that could not finish."""
 
 
 @dataclass
@@ -77,47 +94,101 @@ class GroupCommit:
     """`alone(statement, args)` runs one statement and returns its row;
     `together(statement, [args, ...])` runs the statement once per args in one
     transaction and returns their rows, or None when that transaction was
-    rolled back as a whole (then each runs again alone)."""
+    rolled back as a whole (then each runs again alone). Either may raise
+    LockWaitTooLong; `aside`, the same pair without that bound, then runs the
+    refunds of that merchant in its side lane (by default the same pair)."""
 
     def __init__(self, alone: Callable[[str, tuple], Awaitable],
                  together: Callable[[str, list[tuple]], Awaitable[Sequence | None]], limit: int = BATCH_LIMIT,
-                 stopped: Callable[[], Exception] = lambda: RuntimeError("stopped"), lanes: int = LANES):
-        self._alone = alone
+                 stopped: Callable[[], Exception] = lambda: RuntimeError("stopped"), lanes: int = LANES,
+                 aside: tuple[Callable[[str, tuple], Awaitable],
+                              Callable[[str, list[tuple]], Awaitable[Sequence | None]]] | None = None):
+        self._run_alone = {False: alone, True: aside[0] if aside else alone}  # by whether the lane is a side lane
+        self._run_together = {False: together, True: aside[1] if aside else together}
         self._lanes = lanes
         self._stopped = stopped  # what a refund whose batch was stopped (by close) gets
-        self._together = together
         self._limit = limit
-        self._running: dict[int, _Lane] = {}
+        self._running: dict[int | tuple[str, int], _Lane] = {}  # lanes by number, side lanes by _side
         self._drains: set[asyncio.Task] = set()
         # What happened so far (tests and the bench read them).
         self.batches = 0
         self.batched = 0
         self.rolled_back = 0
         self.alone_rolled_back = 0  # counted by the store: a refund alone rolled back and run again
+        self.moved_aside = 0  # refunds run in their merchant's side lane (their lane gave up waiting for a lock)
+        self._in_side_lanes = 0
 
     async def run(self, merchant: int, statement: str, args: tuple):
-        """The row of `statement` run with `args`, alone or in a batch of its lane."""
-        lane = merchant % self._lanes
-        running = self._running.get(lane)
+        """The row of `statement` run with `args`, alone or in a batch of its lane
+        (its merchant's side lane while there is one)."""
+        side = _side(merchant)
+        if side in self._running:
+            return await self._run_in(side, merchant, statement, args)
+        try:
+            return await self._run_in(merchant % self._lanes, merchant, statement, args)
+        except LockWaitTooLong:  # it ran first in its lane, in this task, and gave up (nothing written)
+            return await self._run_in(side, merchant, statement, args)
+
+    async def _run_in(self, key, merchant: int, statement: str, args: tuple):
+        """Behind the lane `key`'s running refund or batch; or, when the lane is idle,
+        at once in this task (so a caller who gives up cancels its own statement)."""
+        side = _is_side(key)
+        if side:
+            self.moved_aside += 1
+        running = self._running.get(key)
         if running is not None:
-            future = asyncio.get_running_loop().create_future()
+            future = self._future()
+            if side:
+                self._count_aside(future)
             running.waiting.append(_Waiting(merchant, statement, args, future, time.monotonic()))
             return await future
-        self._running[lane] = _Lane()
+        self._running[key] = _Lane()
+        self._in_side_lanes += side
         try:
-            return await self._alone(statement, args)
+            return await self._run_alone[side](statement, args)
         finally:
-            self._hand_over(lane)
+            self._in_side_lanes -= side
+            self._hand_over(key)
 
     def waiting(self) -> tuple[int, float]:
         """(refunds waiting for their lane, seconds the longest of them has waited). A
-        lane held for long by one transaction (another client holds a row lock that it
-        waits for) shows here. Safe from another thread (the metrics scrape): it reads copies."""
+        lane held for long by one transaction shows here. Safe from another thread (the
+        metrics scrape): it reads copies."""
         now = time.monotonic()
-        waiting = [w for lane in list(self._running.values()) for w in list(lane.waiting) if not w.future.done()]
+        waiting = [w for key, lane in list(self._running.items()) if not _is_side(key)
+                   for w in list(lane.waiting) if not w.future.done()]
         return len(waiting), max((now - w.since for w in waiting), default=0.0)
 
-    def _hand_over(self, lane: int) -> None:
+    def in_side_lanes(self) -> int:
+        """Refunds in side lanes now: waiting, past their lane's bound, for a lock
+        that another client holds (or behind one that does)."""
+        return self._in_side_lanes
+
+    @staticmethod
+    def _future() -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    def _move_aside(self, waiting: _Waiting) -> None:
+        """A lane's waiting refund, to its merchant's side lane (opened if none runs)."""
+        self.moved_aside += 1
+        self._count_aside(waiting.future)
+        side = _side(waiting.merchant)
+        running = self._running.get(side)
+        if running is not None:
+            running.waiting.append(waiting)
+        else:
+            self._running[side] = _Lane(collections.deque([waiting]))
+            self._start_drain(side)
+
+    def _count_aside(self, future: asyncio.Future) -> None:
+        """Count a refund in a side lane until it is answered."""
+        self._in_side_lanes += 1
+        future.add_done_callback(self._left_side_lane)
+
+    def _left_side_lane(self, _future) -> None:
+        self._in_side_lanes -= 1
+
+    def _hand_over(self, lane) -> None:
         """The lane's running refund is done: start on those waiting, or mark the lane idle."""
         waiting = self._running[lane].waiting
         while waiting and waiting[0].future.done():  # their callers gave up
@@ -125,31 +196,38 @@ class GroupCommit:
         if not waiting:
             del self._running[lane]
             return
+        self._start_drain(lane)
+
+    def _start_drain(self, lane) -> None:
         # A context of its own: the batches belong to no one caller's request (its id, its trace).
         task = asyncio.get_running_loop().create_task(self._drain(lane), context=contextvars.Context())
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
-    async def _drain(self, lane: int) -> None:
+    async def _drain(self, lane) -> None:
         waiting = self._running[lane].waiting
+        side = _is_side(lane)
         try:
             while waiting:
-                batch = self._next_batch(waiting)
+                batch = self._next_batch(waiting, side)
                 if batch:
-                    await self._run_batch(batch)
+                    await self._run_batch(batch, side)
         finally:
             del self._running[lane]
             for left in waiting:  # only when the drain itself was cancelled (close)
                 if not left.future.done():
                     left.future.set_exception(self._stopped())
 
-    def _next_batch(self, waiting: collections.deque[_Waiting]) -> list[_Waiting]:
+    def _next_batch(self, waiting: collections.deque[_Waiting], side: bool) -> list[_Waiting]:
         """Up to `limit` waiting refunds of one statement, in merchant order (each
-        merchant's in their order of arrival)."""
+        merchant's in their order of arrival). A lane's refunds of a merchant that
+        has a side lane now go there."""
         batch: list[_Waiting] = []
         while waiting and len(batch) < self._limit:
             if waiting[0].future.done():
                 waiting.popleft()
+            elif not side and _side(waiting[0].merchant) in self._running:
+                self._move_aside(waiting.popleft())
             elif batch and waiting[0].statement != batch[0].statement:
                 break
             else:
@@ -157,16 +235,21 @@ class GroupCommit:
         batch.sort(key=lambda w: w.merchant)
         return batch
 
-    async def _run_batch(self, batch: list[_Waiting]) -> None:
+    async def _run_batch(self, batch: list[_Waiting], side: bool) -> None:
         try:
             if len(batch) == 1:
-                await self._settle_alone(batch[0])
+                await self._settle_alone(batch[0], side)
                 return
-            rows = await self._together(batch[0].statement, [w.args for w in batch])
+            try:
+                rows = await self._run_together[side](batch[0].statement, [w.args for w in batch])
+            except LockWaitTooLong:  # nothing written; which refund waited is unknown
+                if side:  # a side lane's statements have no bound of their own: an error like any other
+                    raise
+                rows = None
             if rows is None:  # rolled back, nothing written: each again alone
                 self.rolled_back += 1
                 for waiting in batch:
-                    await self._settle_alone(waiting)
+                    await self._settle_alone(waiting, side)
                 return
             self.batches += 1
             self.batched += len(batch)
@@ -180,13 +263,18 @@ class GroupCommit:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _settle_alone(self, waiting: _Waiting) -> None:
+    async def _settle_alone(self, waiting: _Waiting, side: bool) -> None:
         if waiting.future.done():
             return
+        if not side and _side(waiting.merchant) in self._running:
+            self._move_aside(waiting)
+            return
         try:
-            row = await self._alone(waiting.statement, waiting.args)
+            row = await self._run_alone[side](waiting.statement, waiting.args)
         except Exception as exc:
-            if not waiting.future.done():
+            if isinstance(exc, LockWaitTooLong) and not side:
+                self._move_aside(waiting)
+            elif not waiting.future.done():
                 waiting.future.set_exception(exc)
         else:
             if not waiting.future.done():
@@ -197,3 +285,12 @@ class GroupCommit:
         for task in list(self._drains):
             task.cancel()
         await asyncio.gather(*self._drains, return_exceptions=True)
+
+
+def _side(merchant: int) -> tuple[str, int]:
+    """The key of `merchant`'s side lane (a lane's key is its number)."""
+    return ("aside", merchant)
+
+
+def _is_side(key) -> bool:
+    return isinstance(key, tuple)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import astuple, dataclass, replace
 
 import asyncpg
@@ -95,6 +96,16 @@ _UNAVAILABLE = (
 # Times a refund statement alone runs when PostgreSQL keeps rolling it back.
 ROLLED_BACK_RETRIES = 3
 
+# How long a lane's refund statement waits for a lock (PostgreSQL's lock_timeout,
+# for that statement's transaction only). Refunds of this service wait for one
+# another only as long as a batch takes (milliseconds; MERCHANT_LOCK); longer
+# means another client holds the row (an operator's open transaction on a
+# balance), and the lane moves the refund aside (group_commit.py) instead of
+# holding up every refund behind it. Aside, statements wait with no lock_timeout,
+# until --db-timeout.
+LANE_LOCK_TIMEOUT = "250ms"
+NO_LOCK_TIMEOUT = "0"
+
 
 def _order(row) -> domain.Order:
     return domain.Order(*row[:9])
@@ -131,8 +142,12 @@ class PostgresStore:
         self._statements: _RefundStatements | None = None  # with the sequence resolved, on first use
         # Refund statements go through `lanes` lanes, one transaction each at a
         # time; refunds arriving meanwhile go together in the next (group_commit.py).
-        self.group_commit = group_commit.GroupCommit(self._refund_alone, self._refunds_together,
-                                                     stopped=lambda: StoreUnavailable("closing"), lanes=lanes)
+        # A lane's statements wait for a lock at most LANE_LOCK_TIMEOUT; past it their
+        # refunds run aside, waiting as long as --db-timeout allows.
+        bounded = functools.partial(self._refund_alone, lock_timeout=LANE_LOCK_TIMEOUT), \
+            functools.partial(self._refunds_together, lock_timeout=LANE_LOCK_TIMEOUT)
+        self.group_commit = group_commit.GroupCommit(*bounded, stopped=lambda: StoreUnavailable("closing"),
+                                                     lanes=lanes, aside=(self._refund_alone, self._refunds_together))
         # Numbers the journal's entries as events while this process holds the
         # sequencer's lock (service/outbox.py); stopped by close().
         self.sequencer = sequencer
@@ -198,29 +213,36 @@ class PostgresStore:
                                     domain.TRANSACTION_SUCCEEDED, masked_pan, stan, now)
         return Attempt(applied=domain.RefundResult(domain.ResponseCode.SUCCESS, "SUCCESS", order, refund))
 
-    async def _refund_alone(self, statement: str, args: tuple):
+    async def _refund_alone(self, statement: str, args: tuple, lock_timeout: str = NO_LOCK_TIMEOUT):
         """The statement's row. PostgreSQL may roll it back as a deadlock victim:
         another client's transaction (not a refund of this service: see
         MERCHANT_LOCK) holds the balance row and waits for this statement's
         order. Rolled back, it wrote nothing, so it runs again (at most
-        ROLLED_BACK_RETRIES times)."""
+        ROLLED_BACK_RETRIES times). LockWaitTooLong: it waited `lock_timeout`
+        for a lock and gave up, writing nothing."""
         async with self._connection() as conn:
             for attempt in range(1, ROLLED_BACK_RETRIES + 1):
                 try:
-                    return await conn.fetchrow(statement, *args)
+                    return await conn.fetchrow(statement, *args, lock_timeout)
                 except asyncpg.TransactionRollbackError:
                     self.group_commit.alone_rolled_back += 1
                     if attempt == ROLLED_BACK_RETRIES:
                         raise
+                except asyncpg.LockNotAvailableError:
+                    raise group_commit.LockWaitTooLong("lock_timeout") from None
 
-    async def _refunds_together(self, statement: str, many: list[tuple]):
+    async def _refunds_together(self, statement: str, many: list[tuple], lock_timeout: str = NO_LOCK_TIMEOUT):
         """The rows of `statement` run once per args, in one transaction and one
-        round trip; None when PostgreSQL rolled that transaction back as a whole."""
+        round trip; None when PostgreSQL rolled that transaction back as a whole;
+        LockWaitTooLong when one of them waited `lock_timeout` for a lock (nothing
+        of the batch written)."""
         async with self._connection() as conn:
             try:
-                return await conn.fetchmany(statement, many)
+                return await conn.fetchmany(statement, [(*args, lock_timeout) for args in many])
             except (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError):
                 return None
+            except asyncpg.LockNotAvailableError:
+                raise group_commit.LockWaitTooLong("lock_timeout") from None
 
     async def read_snapshot(self, command: domain.RefundCommand) -> domain.OrderSnapshot | None:
         async with self._connection() as conn:

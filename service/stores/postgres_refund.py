@@ -110,9 +110,13 @@ SELECT id, masked_pan, stan FROM refund"""
 # $1 merchant, $2 order id (NULL: by reference), $3 requested reference,
 # $4 the amount in minor units for 0, 1, 2, ... decimals, $5 now,
 # $6 requested amount text, $7 key id or NULL, $8 whether the request is timestamped,
-# $9 the request id (for the journal entry, i.e. the event)
+# $9 the request id (for the journal entry, i.e. the event),
+# $10 the statement's lock_timeout ('250ms'; '0': none, only --db-timeout), set
+# before its first lock (the merchant's) for its transaction alone (group_commit.py:
+# a lane's statements wait for a lock only so long)
 _IN_ONE_STATEMENT = f"""
-WITH serialized AS MATERIALIZED ({MERCHANT_LOCK}
+WITH bounded AS MATERIALIZED (SELECT set_config('lock_timeout', $10::text, true)
+), serialized AS MATERIALIZED ({MERCHANT_LOCK} FROM bounded
 ), credentials AS (
     SELECT $7::text IS NULL OR {{credentials_hold}} AS hold FROM serialized
 ), target AS (

@@ -341,3 +341,63 @@ def test_the_merchant_lock_never_waits_for_the_event_sequencers_lock(postgres_ur
 
     result = with_store(postgres_url, work, command_timeout=2.0)
     assert result.code is domain.ResponseCode.SUCCESS
+
+
+@pytest.mark.postgres
+def test_a_merchant_whose_balance_another_client_holds_waits_aside_and_the_others_go_on(postgres_url):
+    """Another client holds MERCHANT's balance row (an open transaction). With one
+    lane, MERCHANT's first refund waits for it LANE_LOCK_TIMEOUT, gives up (nothing
+    written) and moves aside, and its later ones join it there; OTHER's refunds,
+    which arrived behind and among them in the same lane, are approved while the
+    lock is still held. Once it goes, MERCHANT's are approved, each exactly once."""
+    from service.stores.postgres import LANE_LOCK_TIMEOUT
+
+    load(postgres_url, "1000.00")
+    mine = [domain.RefundCommand(MERCHANT, order_id, None, "10.00") for order_id in range(1, 6)]
+    others = [domain.RefundCommand(OTHER, 1000 + order_id, None, "10.00") for order_id in range(1, 6)]
+    engine = db.make_engine(postgres_url)
+    holder = engine.connect()
+    holder.execute(sa.text("SELECT 1 FROM balances WHERE merchant_id = :m FOR UPDATE"), {"m": MERCHANT})
+
+    async def work(store):
+        group = store.group_commit
+        started = [asyncio.ensure_future(refunds.refund(store, c)) for c in mine[:1]]
+        await asyncio.sleep(0.05)  # MERCHANT's first is in the lane, waiting for the row
+        started += [asyncio.ensure_future(refunds.refund(store, c)) for pair in zip(mine[1:], others[:4])
+                    for c in pair] + [asyncio.ensure_future(refunds.refund(store, others[4]))]
+        theirs = [task for task, c in zip(started, mine[:1] + [c for p in zip(mine[1:], others[:4]) for c in p]
+                                          + others[4:], strict=True) if c.merchant_id == OTHER]
+        done, _ = await asyncio.wait(theirs, timeout=10)
+        while_held = (len(done), sum(t.done() for t in started) - len(done), group.in_side_lanes(),
+                      group.waiting()[0])
+        await asyncio.to_thread(holder.rollback)
+        results = await asyncio.gather(*started)
+        return while_held, results, group.moved_aside, group.in_side_lanes()
+
+    try:
+        while_held, results, moved_aside, aside_after = with_store(postgres_url, work, lanes=1)
+    finally:
+        holder.close()
+        engine.dispose()
+    assert LANE_LOCK_TIMEOUT == "250ms"
+    assert while_held == (5, 0, 5, 0)  # OTHER's answered, MERCHANT's five aside, none held in the lane
+    assert [r.code for r in results] == [domain.ResponseCode.SUCCESS] * 10
+    assert (moved_aside, aside_after) == (5, 0)
+    ledger = check_ledger(postgres_url, {(MERCHANT, "HKD"): 100000, (OTHER, "HKD"): 100000})
+    assert sorted(ledger.refunds) == list(range(1, 6)) + list(range(1001, 1006))
+    assert all(len(made) == 1 for made in ledger.refunds.values())
+    assert "the ledger holds" in admin(postgres_url, "verify")
+
+
+@pytest.mark.postgres
+def test_a_lane_statements_lock_timeout_ends_with_its_transaction(postgres_url):
+    """The lane's bound is set for the statement's own transaction: the pooled
+    connection it ran on goes back with PostgreSQL's default (no lock_timeout)."""
+    load(postgres_url, "1000.00")
+
+    async def work(store):
+        result = await refunds.refund(store, domain.RefundCommand(MERCHANT, 1, None, "10.00"))
+        async with store.connection() as connection:
+            return result.code, await connection.fetchval("SHOW lock_timeout")
+
+    assert with_store(postgres_url, work, lanes=1, min_size=1, max_size=1) == (domain.ResponseCode.SUCCESS, "0")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.stores.group_commit import GroupCommit
+from service.stores.group_commit import GroupCommit, LockWaitTooLong
 
 
 class Lost(Exception):
@@ -23,24 +23,28 @@ class FakeDatabase:
     """Runs a statement by returning (statement, args); records every call, and
     how many statements of one merchant (args[0]) ran at once."""
 
-    def __init__(self, *, roll_back=(), lose=(), fail_alone=()):
+    def __init__(self, *, roll_back=(), lose=(), fail_alone=(), blocked=()):
         self.roll_back = set(roll_back)    # batch numbers (from 0) rolled back as a whole
         self.lose = set(lose)              # batch numbers whose connection is lost
         self.fail_alone = set(fail_alone)  # args whose statement fails when run alone
+        self.blocked = set(blocked)        # merchants whose rows another client holds: a lane gives up on them
+        self.released: asyncio.Event | None = None  # when set, what runs aside waits for it (the lock to go)
         self.alone_calls: list[tuple] = []
         self.batches: list[list[tuple]] = []
+        self.aside_calls: list[tuple] = []  # args run aside, alone or together
         self.running = Counter()
         self.most_at_once = Counter()
         self.gate: asyncio.Event | None = None  # when set, statements wait for it
         self.batch_gate: asyncio.Event | None = None  # when set, batches wait for it
 
-    async def _hold(self, merchants):
+    async def _hold(self, merchants, gate=None):
+        gate = gate or self.gate
         for merchant in merchants:
             self.running[merchant] += 1
             self.most_at_once[merchant] = max(self.most_at_once[merchant], self.running[merchant])
         try:
-            if self.gate is not None:
-                await self.gate.wait()
+            if gate is not None:
+                await gate.wait()
             await asyncio.sleep(0)
         finally:
             for merchant in merchants:
@@ -49,6 +53,8 @@ class FakeDatabase:
     async def alone(self, statement, args):
         self.alone_calls.append(args)
         await self._hold({args[0]})
+        if args[0] in self.blocked:
+            raise LockWaitTooLong("lock_timeout")
         if args in self.fail_alone:
             raise ValueError(f"refused {args}")
         return statement, args
@@ -63,7 +69,21 @@ class FakeDatabase:
             raise Lost()
         if number in self.roll_back:
             return None
+        if any(args[0] in self.blocked for args in many):
+            raise LockWaitTooLong("lock_timeout")
         return [(statement, args) for args in many]
+
+    async def alone_aside(self, statement, args):
+        return (await self.together_aside(statement, [args]))[0]
+
+    async def together_aside(self, statement, many):
+        """With no bound on lock waits: waits for `released`, then runs."""
+        self.aside_calls += many
+        await self._hold({args[0] for args in many}, self.released)
+        return [(statement, args) for args in many]
+
+    def group(self, **options) -> GroupCommit:
+        return GroupCommit(self.alone, self.together, aside=(self.alone_aside, self.together_aside), **options)
 
 
 async def first_and_waiting(group: GroupCommit, database: FakeDatabase, calls: list[tuple[str, tuple]]):
@@ -221,6 +241,85 @@ def test_waiting_counts_the_refunds_held_behind_a_busy_lane_and_how_long_the_fir
     assert after_one_left[0] == 2 and 0.05 <= after_one_left[1] < 5
 
 
+def test_a_merchant_whose_rows_another_client_holds_moves_aside_and_the_lane_goes_on():
+    """Merchant 1's rows are held by another client. Its refunds wait in one batch
+    with merchants 2 and 3; the lane gives up on that batch, runs each alone, gives
+    up on merchant 1's first and moves it aside, and sends merchant 1's others
+    straight after it: the lane spends two bounded waits on merchant 1, not one per
+    refund. Merchants 2 and 3 are answered while merchant 1 still waits; merchant
+    1's later refunds go aside too; once the lock goes all are answered, and the
+    side lane is gone."""
+    database = FakeDatabase(blocked={1})
+    group = database.group(lanes=1)
+    calls = [("S", (merchant, order)) for order in range(3) for merchant in (1, 2, 3)]
+
+    async def main():
+        database.released = asyncio.Event()
+        first, rest = await first_and_waiting(group, database, [("S", (9, 0))] + calls)
+        database.gate.set()
+        await first
+        others = [task for task, (_, args) in zip(rest, calls, strict=True) if args[0] != 1]
+        answered = await asyncio.wait_for(asyncio.gather(*others), 1)
+        later = asyncio.ensure_future(group.run(1, "S", (1, 3)))
+        await asyncio.sleep(0)
+        while_held = (group.in_side_lanes(), group.waiting()[0], sum(t.done() for t in rest) - len(others))
+        database.released.set()
+        return answered, while_held, await asyncio.gather(*rest, later)
+
+    answered, while_held, results = run(main())
+    assert answered == [c for c in calls if c[1][0] != 1]
+    assert while_held == (4, 0, 0)  # merchant 1's three and the later one, aside; none in the lane
+    assert results == calls + [("S", (1, 3))]
+    tried_in_lane = [args for args in database.alone_calls if args[0] == 1]
+    assert tried_in_lane == [(1, 0)]  # its first alone; the rest of its batch went straight aside
+    assert database.batches[0] == sorted(args for _, args in calls)  # the batch given up on
+    assert database.aside_calls == [(1, 0), (1, 1), (1, 2), (1, 3)]  # (1, 0) alone, then the rest in one batch
+    assert (group.moved_aside, group.rolled_back, group.in_side_lanes()) == (4, 1, 0)
+    assert set(database.most_at_once.values()) == {1}
+
+
+def test_a_caller_who_gives_up_aside_cancels_its_own_statement_and_those_behind_it_still_run():
+    """The refund that opens its merchant's side lane runs there in its caller's
+    task, as it did in its lane: a caller who gives up (a deadline) cancels its
+    statement, so nothing of it is written once the lock goes; the refund waiting
+    behind it in the side lane still runs, and the count of refunds aside ends at 0."""
+    database = FakeDatabase(blocked={1})
+    group = database.group(lanes=1)
+
+    async def main():
+        database.released = asyncio.Event()
+        first = asyncio.ensure_future(group.run(1, "S", (1, 0)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(group.run(1, "S", (1, 1)))
+        await asyncio.sleep(0)
+        aside_before = group.in_side_lanes()
+        first.cancel()
+        await asyncio.sleep(0)
+        database.released.set()
+        return aside_before, await asyncio.gather(first, second, return_exceptions=True), group.in_side_lanes()
+
+    aside_before, (first, second), aside_after = run(main())
+    assert aside_before == 2 and aside_after == 0
+    assert isinstance(first, asyncio.CancelledError) and second == ("S", (1, 1))
+    assert database.aside_calls == [(1, 0), (1, 1)]  # (1, 0) was cancelled while it waited for the lock
+    assert database.alone_calls == [(1, 0)]  # its one bounded try in the lane
+
+
+def test_a_side_lanes_own_error_reaches_only_its_callers():
+    """What runs aside has no bound of its own: were it to give up anyway, its
+    callers get that (a retry-safe unavailable), not a loop back into the lane."""
+    database = FakeDatabase(blocked={1})
+    group = GroupCommit(database.alone, database.together)  # no unbounded pair: aside, the lane's own
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(group.run(1, "S", (1, 0)), group.run(2, "S", (2, 0)),
+                                                     return_exceptions=True), 1)
+
+    blocked, other = run(main())
+    assert isinstance(blocked, LockWaitTooLong) and other == ("S", (2, 0))
+
+
 def test_when_the_first_caller_gives_up_those_waiting_behind_it_still_run():
     database = FakeDatabase()
     group = GroupCommit(database.alone, database.together)
@@ -253,19 +352,23 @@ def test_close_answers_everyone_still_waiting_and_nothing_hangs():
     assert [type(r) for r in run(main())] == [Lost, Lost]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["A", "B"]), st.integers(0, 2)), min_size=1,
                 max_size=40),
        st.sets(st.integers(0, 10), max_size=3), st.sets(st.integers(0, 10), max_size=3), st.integers(1, 5),
-       st.integers(1, 3))
-def test_every_caller_gets_exactly_its_own_answer_whatever_the_arrivals(arrivals, roll_back, lose, limit, lanes):
+       st.integers(1, 3), st.sets(st.integers(1, 3), max_size=2))
+def test_every_caller_gets_exactly_its_own_answer_whatever_the_arrivals(arrivals, roll_back, lose, limit, lanes,
+                                                                          blocked):
     """Callers arrive in random order and pauses, over three merchants and two
-    statements, in one to three lanes; batches are rolled back or lost at random.
-    Every caller gets its own row or the error of its own batch; one merchant
-    never has two statements running; a batch is in merchant order; a refund runs
-    at most twice (in a rolled-back batch, then alone)."""
-    database = FakeDatabase(roll_back=roll_back, lose=lose - roll_back)
-    group = GroupCommit(database.alone, database.together, limit=limit, lanes=lanes)
+    statements, in one to three lanes; batches are rolled back or lost at random,
+    and the rows of some merchants are held by another client (their lane gives up
+    on them; aside they run). Every caller gets its own row or the error of its own
+    batch; one merchant never has two statements running, in its lane and its side
+    lane together; a batch is in merchant order; a refund runs at most three times
+    (in a batch given up, alone given up, then aside), and a blocked merchant's
+    refund is run aside exactly once."""
+    database = FakeDatabase(roll_back=roll_back, lose=lose - roll_back, blocked=blocked)
+    group = database.group(limit=limit, lanes=lanes)
 
     async def call(index, merchant, statement, pause):
         for _ in range(pause):
@@ -288,9 +391,14 @@ def test_every_caller_gets_exactly_its_own_answer_whatever_the_arrivals(arrivals
     assert all(len(batch) <= limit and [a[0] for a in batch] == sorted(a[0] for a in batch)
                for batch in database.batches)
     assert all(len({a[0] % lanes for a in batch}) == 1 for batch in database.batches)
-    runs = Counter(database.alone_calls) + Counter(a for batch in database.batches for a in batch)
-    assert max(runs.values()) <= 2
+    runs = Counter(database.alone_calls) + Counter(a for batch in database.batches for a in batch) \
+        + Counter(database.aside_calls)
+    assert max(runs.values()) <= 3
     assert len(runs) == len(arrivals)
+    aside = Counter(database.aside_calls)
+    assert set(aside) == {(m, i) for i, (m, _, _) in enumerate(arrivals) if m in blocked} - lost
+    assert set(aside.values()) <= {1}
+    assert group.in_side_lanes() == 0 and group.waiting() == (0, 0.0)
 
 
 @pytest.mark.parametrize("limit", [1, 2])
