@@ -67,6 +67,9 @@ class _GroupCommitCollector:
          "Batches the database rolled back as a whole; their refunds then ran one by one"),
         ("refund_service_refund_statements_rolled_back", "alone_rolled_back",
          "Refund statements run alone that the database rolled back (a deadlock's victim) and that then ran again"),
+        ("refund_service_refunds_moved_aside", "moved_aside",
+         "Refund attempts run in their merchant's side lane: their lane gave up waiting for a lock another client "
+         "held (or another of the merchant's already waited there)"),
     )
 
     def collect(self):
@@ -79,6 +82,9 @@ class _GroupCommitCollector:
         yield GaugeMetricFamily("refund_service_refund_lane_wait_seconds",
                                 "Seconds the longest-waiting of them has waited so far (0: none waits)",
                                 value=longest)
+        yield GaugeMetricFamily("refund_service_refunds_aside",
+                                "Refund attempts in side lanes now, waiting for a lock another client holds",
+                                value=self.group.in_side_lanes() if self.group else 0)
 
 
 _GROUP_COMMIT = _GroupCommitCollector()
