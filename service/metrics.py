@@ -70,6 +70,8 @@ class _GroupCommitCollector:
         ("refund_service_refunds_moved_aside", "moved_aside",
          "Refund attempts run in their merchant's side lane: their lane gave up waiting for a lock another client "
          "held (or another of the merchant's already waited there)"),
+        ("refund_service_refunds_refused_aside", "refused_aside",
+         "Refund attempts answered unavailable (nothing written) because every side lane was taken"),
     )
 
     def collect(self):

@@ -38,7 +38,11 @@ refund behind it. It gives up (nothing written) with LockWaitTooLong, and its
 refund moves aside: to a side lane of its merchant's own, whose statements wait
 as long as a lone refund would (up to --db-timeout). While that side lane runs,
 the merchant's later refunds go there too, so a blocked merchant costs its lane
-one bounded wait, not one per refund, and the other merchants go on.
+one bounded wait, not one per refund, and the other merchants go on. Each side
+lane holds a database connection while it waits, so there are at most
+`side_lanes` of them; a refund that would need another is answered
+StoreUnavailable at once (retry-safe, nothing written), leaving the lanes their
+connections.
 
 SQLite (service/stores/sqlite.py) uses it with one lane (one writer) for its
 applies: a batch is one trip to its database thread and one BEGIN IMMEDIATE,
@@ -102,10 +106,12 @@ class GroupCommit:
                  together: Callable[[str, list[tuple]], Awaitable[Sequence | None]], limit: int = BATCH_LIMIT,
                  stopped: Callable[[], Exception] = lambda: RuntimeError("stopped"), lanes: int = LANES,
                  aside: tuple[Callable[[str, tuple], Awaitable],
-                              Callable[[str, list[tuple]], Awaitable[Sequence | None]]] | None = None):
+                              Callable[[str, list[tuple]], Awaitable[Sequence | None]]] | None = None,
+                 side_lanes: int = 8):
         self._run_alone = {False: alone, True: aside[0] if aside else alone}  # by whether the lane is a side lane
         self._run_together = {False: together, True: aside[1] if aside else together}
         self._lanes = lanes
+        self._side_lanes = side_lanes  # the most side lanes open at once
         self._stopped = stopped  # what a refund whose batch was stopped (by close) gets
         self._limit = limit
         self._running: dict[int | tuple[str, int], _Lane] = {}  # lanes by number, side lanes by _side
@@ -116,6 +122,7 @@ class GroupCommit:
         self.rolled_back = 0
         self.alone_rolled_back = 0  # counted by the store: a refund alone rolled back and run again
         self.moved_aside = 0  # refunds run in their merchant's side lane (their lane gave up waiting for a lock)
+        self.refused_aside = 0  # refunds answered StoreUnavailable: no room for another side lane
         self._in_side_lanes = 0
 
     async def run(self, merchant: int, statement: str, args: tuple):
@@ -127,6 +134,7 @@ class GroupCommit:
         try:
             return await self._run_in(merchant % self._lanes, merchant, statement, args)
         except LockWaitTooLong:  # it ran first in its lane, in this task, and gave up (nothing written)
+            self._check_room_aside(merchant)
             return await self._run_in(side, merchant, statement, args)
 
     async def _run_in(self, key, merchant: int, statement: str, args: tuple):
@@ -168,8 +176,22 @@ class GroupCommit:
     def _future() -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 
+    def _check_room_aside(self, merchant: int) -> None:
+        """StoreUnavailable when `merchant` has no side lane and no other may open."""
+        if _side(merchant) not in self._running and \
+                sum(_is_side(key) for key in self._running) >= self._side_lanes:
+            self.refused_aside += 1
+            raise StoreUnavailable("too many refunds waiting for locks that other clients hold")
+
     def _move_aside(self, waiting: _Waiting) -> None:
-        """A lane's waiting refund, to its merchant's side lane (opened if none runs)."""
+        """A lane's waiting refund, to its merchant's side lane (opened if none
+        runs); answered StoreUnavailable when there is no room for one."""
+        try:
+            self._check_room_aside(waiting.merchant)
+        except StoreUnavailable as exc:
+            if not waiting.future.done():
+                waiting.future.set_exception(exc)
+            return
         self.moved_aside += 1
         self._count_aside(waiting.future)
         side = _side(waiting.merchant)

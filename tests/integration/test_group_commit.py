@@ -361,17 +361,15 @@ def test_a_merchant_whose_balance_another_client_holds_waits_aside_and_the_other
 
     async def work(store):
         group = store.group_commit
-        started = [asyncio.ensure_future(refunds.refund(store, c)) for c in mine[:1]]
+        first = asyncio.ensure_future(refunds.refund(store, mine[0]))
         await asyncio.sleep(0.05)  # MERCHANT's first is in the lane, waiting for the row
-        started += [asyncio.ensure_future(refunds.refund(store, c)) for pair in zip(mine[1:], others[:4])
-                    for c in pair] + [asyncio.ensure_future(refunds.refund(store, others[4]))]
-        theirs = [task for task, c in zip(started, mine[:1] + [c for p in zip(mine[1:], others[:4]) for c in p]
-                                          + others[4:], strict=True) if c.merchant_id == OTHER]
-        done, _ = await asyncio.wait(theirs, timeout=10)
-        while_held = (len(done), sum(t.done() for t in started) - len(done), group.in_side_lanes(),
+        mixed = [mine[1], others[0], mine[2], others[1], mine[3], others[2], mine[4], others[3], others[4]]
+        behind = {c: asyncio.ensure_future(refunds.refund(store, c)) for c in mixed}
+        done, _ = await asyncio.wait([behind[c] for c in others], timeout=10)
+        while_held = (len(done), first.done() + sum(behind[c].done() for c in mine[1:]), group.in_side_lanes(),
                       group.waiting()[0])
         await asyncio.to_thread(holder.rollback)
-        results = await asyncio.gather(*started)
+        results = [await first] + [await behind[c] for c in mine[1:] + others]
         return while_held, results, group.moved_aside, group.in_side_lanes()
 
     try:
@@ -401,3 +399,53 @@ def test_a_lane_statements_lock_timeout_ends_with_its_transaction(postgres_url):
             return result.code, await connection.fetchval("SHOW lock_timeout")
 
     assert with_store(postgres_url, work, lanes=1, min_size=1, max_size=1) == (domain.ResponseCode.SUCCESS, "0")
+
+
+@pytest.mark.postgres
+def test_with_every_side_lane_taken_another_blocked_merchant_is_answered_unavailable_and_the_lane_still_serves(
+        postgres_url):
+    """A pool of 6 connections and one lane leaves (6 - 1) // 2 = 2 side lanes. Another
+    client holds the balance rows of three merchants: two of their refunds wait aside,
+    the third is answered StoreUnavailable (nothing written) instead of taking a
+    connection the lane needs, and a fourth merchant's refunds are still approved
+    while the locks are held. Once they go, the two waiting aside are approved."""
+    from service.stores.port import StoreUnavailable
+
+    blocked = [3400011, 3400012, 3400013]
+    free = 3400014
+    data.load(postgres_url, [data.merchant(m, balances={"HKD": "100.00"}) for m in blocked + [free]],
+              [data.order(m, m, "1.00") for m in blocked] + [data.order(free * 10 + n, free, "1.00") for n in range(3)])
+    engine = db.make_engine(postgres_url)
+    holder = engine.connect()
+    holder.execute(sa.text("SELECT 1 FROM balances WHERE merchant_id = ANY(:m) FOR UPDATE"), {"m": blocked})
+
+    async def work(store):
+        def refund(merchant):
+            return asyncio.ensure_future(refunds.refund(store, domain.RefundCommand(merchant, merchant, None, "1.00")))
+
+        waiting = []
+        for merchant in blocked[:2]:  # one at a time, each until it waits aside
+            waiting.append(refund(merchant))
+            for _ in range(300):
+                if store.group_commit.in_side_lanes() == len(waiting):
+                    break
+                await asyncio.sleep(0.01)
+        waiting.append(refund(blocked[2]))
+        await asyncio.wait(waiting[2:], timeout=3)
+        served = await asyncio.wait_for(asyncio.gather(*(
+            refunds.refund(store, domain.RefundCommand(free, free * 10 + n, None, "1.00")) for n in range(3))), 5)
+        refused = waiting[2].exception() if waiting[2].done() else None
+        aside = store.group_commit.in_side_lanes()
+        await asyncio.to_thread(holder.rollback)
+        return refused, aside, served, await asyncio.gather(*waiting[:2])
+
+    try:
+        refused, aside, served, approved = with_store(postgres_url, work, lanes=1, max_size=6)
+    finally:
+        holder.close()
+        engine.dispose()
+    assert isinstance(refused, StoreUnavailable) and aside == 2
+    assert [r.code for r in served + approved] == [domain.ResponseCode.SUCCESS] * 5
+    ledger = check_ledger(postgres_url, {**{(m, "HKD"): 10000 for m in blocked + [free]}})
+    assert sorted(ledger.refunds) == sorted(blocked[:2] + [free * 10 + n for n in range(3)])
+    assert "the ledger holds" in admin(postgres_url, "verify")

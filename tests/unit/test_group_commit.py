@@ -306,6 +306,48 @@ def test_a_caller_who_gives_up_aside_cancels_its_own_statement_and_those_behind_
     assert database.alone_calls == [(1, 0)]  # its one bounded try in the lane
 
 
+@pytest.mark.parametrize("first_in_lane", [True, False])
+def test_with_every_side_lane_taken_a_refund_that_would_need_another_is_answered_unavailable_at_once(
+        first_in_lane):
+    """Side lanes hold a connection each while they wait, so there are only so
+    many: with the one allowed held by merchant 1, merchant 2's blocked refund (run
+    first in its lane, or waiting in it) is answered StoreUnavailable, nothing
+    written; merchant 1's later refund still joins its side lane, and merchant 3,
+    not blocked, is served."""
+    from service.stores.port import StoreUnavailable
+
+    database = FakeDatabase(blocked={1, 2})
+    group = database.group(lanes=1, side_lanes=1)
+
+    async def main():
+        database.released = asyncio.Event()
+        aside = asyncio.ensure_future(group.run(1, "S", (1, 0)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if first_in_lane:
+            [refused] = await asyncio.wait_for(asyncio.gather(group.run(2, "S", (2, 0)), return_exceptions=True), 1)
+            others = []
+        else:
+            database.gate = asyncio.Event()
+            first = asyncio.ensure_future(group.run(3, "S", (3, 0)))
+            await asyncio.sleep(0)
+            waiting = [asyncio.ensure_future(group.run(m, "S", (m, 1))) for m in (2, 3)]
+            await asyncio.sleep(0)
+            database.gate.set()
+            others = await asyncio.wait_for(asyncio.gather(first, *waiting, return_exceptions=True), 1)
+            refused = others.pop(1)
+        joined = asyncio.ensure_future(group.run(1, "S", (1, 1)))
+        await asyncio.sleep(0)
+        database.released.set()
+        return refused, others, await asyncio.gather(aside, joined)
+
+    refused, others, served = run(main())
+    assert isinstance(refused, StoreUnavailable) and not isinstance(refused, LockWaitTooLong)
+    assert others == ([] if first_in_lane else [("S", (3, 0)), ("S", (3, 1))])
+    assert served == [("S", (1, 0)), ("S", (1, 1))]
+    assert (2, 0) not in database.aside_calls and (2, 1) not in database.aside_calls
+
+
 def test_a_side_lanes_own_error_reaches_only_its_callers():
     """What runs aside has no bound of its own: were it to give up anyway, its
     callers get that (a retry-safe unavailable), not a loop back into the lane."""
