@@ -35,7 +35,7 @@ from pathlib import Path
 
 from bench.load import edge_run, grpc_loadgen, json_result, measure, prepare_grpc_client, show, wrk, wrk_result
 from bench.processes import Postgres, start_edge, start_service
-from bench.workload import ROOT, Layout, load_document, log, make_keys, prepare_database, sign_bodies
+from bench.workload import ROOT, Layout, load_document, log, make_keys, prepare_database, settle_database, sign_bodies
 
 
 @dataclass
@@ -139,6 +139,7 @@ def compare(args, modes, versions: list[Version], work: Path) -> dict:
                                       version.env)
             if loader.wait() != 0:
                 raise RuntimeError(f"{version.name}: refund-admin could not load the data")
+            settle_database(version.urls[db])
     results: dict = {}
     for r in range(args.rounds):
         order = list(enumerate(versions))

@@ -81,6 +81,7 @@ from bench.workload import (
     log,
     make_keys,
     prepare_database,
+    settle_database,
     sign_bodies,
 )
 
@@ -138,9 +139,10 @@ def load_databases(urls: dict[str, str], public: dict[int, str], slices: dict[st
         document.write_text(json.dumps(load_document(public, per_db[db_name])))
         loaders.append(prepare_database(url, document))
     log(f"loading {', '.join(f'{n}: {sum(s.count for s in per_db[n])} orders' for n in urls)} with refund-admin")
-    for loader in loaders:
+    for loader, url in zip(loaders, urls.values(), strict=True):
         if loader.wait() != 0:
             raise RuntimeError("refund-admin could not migrate or load the bench data")
+        settle_database(url)
     log(f"loaded in {time.monotonic() - t0:.1f}s")
 
 
