@@ -38,7 +38,8 @@ refund behind it. It gives up (nothing written) with LockWaitTooLong, and its
 refund moves aside: to a side lane of its merchant's own, whose statements wait
 as long as a lone refund would (up to --db-timeout). While that side lane runs,
 the merchant's later refunds go there too, so a blocked merchant costs its lane
-one bounded wait, not one per refund, and the other merchants go on. Each side
+one or two bounded waits (its batch's, then its first refund's alone), not one
+per refund, and the other merchants go on. Each side
 lane holds a database connection while it waits, so there are at most
 `side_lanes` of them; a refund that would need another is answered
 StoreUnavailable at once (retry-safe, nothing written), leaving the lanes their
@@ -67,9 +68,9 @@ BATCH_LIMIT = 32
 # lane against two, 7 alternated rounds, 1.10x the signed edge's rate (faster in 6 of 7)
 # and 1.11x gRPC's (7 of 7), PostgreSQL CPU per refund 352 -> 284 us: fewer, larger
 # batches, so fewer commits. The cost: a refund waiting for a row lock that another
-# client holds (an open transaction on a balance) holds up the refunds of every
-# merchant of its lane, up to --db-timeout (`waiting()`, exported as the lane gauges,
-# shows it); more lanes spread them.
+# client holds (an open transaction on a balance) holds up every merchant of its lane,
+# up to the store's bound on a lane's lock waits (250 ms on PostgreSQL), after which it
+# moves aside (`waiting()`, exported as the lane gauges, shows the waits).
 LANES = 1
 
 
