@@ -281,8 +281,9 @@ def test_a_merchant_whose_rows_another_client_holds_moves_aside_and_the_lane_goe
 def test_a_caller_who_gives_up_aside_cancels_its_own_statement_and_those_behind_it_still_run():
     """The refund that opens its merchant's side lane runs there in its caller's
     task, as it did in its lane: a caller who gives up (a deadline) cancels its
-    statement, so nothing of it is written once the lock goes; the refund waiting
-    behind it in the side lane still runs, and the count of refunds aside ends at 0."""
+    statement there (on PostgreSQL, test_caller_deadline_shorter_than_the_database_...
+    shows nothing of it is written); the refund waiting behind it in the side lane
+    still runs, and the count of refunds aside ends at 0."""
     database = FakeDatabase(blocked={1})
     group = database.group(lanes=1)
 
