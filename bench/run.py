@@ -68,7 +68,7 @@ from bench.load import (
     wrk_result,
 )
 from bench.processes import Postgres, project_chain, rss_mib
-from bench.report import machine, markdown
+from bench.report import GRPC_CLIENTS, machine, markdown
 from bench.workload import (
     AMOUNT,
     EDGE_RATE_CAP,
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--merchants", type=int, default=int(os.environ.get("BENCH_MERCHANTS", 32)),
                         help="merchants the orders are spread over, each with its own key and balance (default 32; "
                              "1 puts every refund on one balance row)")
-    parser.add_argument("--grpc-client", choices=["go", "node", "python"], default=DEFAULT_GRPC_CLIENT,
+    parser.add_argument("--grpc-client", choices=list(GRPC_CLIENTS), default=DEFAULT_GRPC_CLIENT,
                         help="gRPC load generator: bench/loadgen_grpc.go (Go's grpc, the default when Go and "
                              "golang-google-grpc-dev are installed), bench/loadgen_grpc.mjs (Node.js http2, the "
                              "default when only node is) or bench/loadgen_grpc.py (grpc.aio)")

@@ -14,6 +14,9 @@ Metrics (served on --metrics-listen, see docs/operations.md):
     refund_service_refund_statements_rolled_back_total   refunds alone rolled back and run again
     refund_service_refunds_waiting_for_lane              refund attempts waiting for their lane now
     refund_service_refund_lane_wait_seconds              how long the longest-waiting of them has waited
+    refund_service_refunds_aside                         refund attempts in side lanes now (another client's lock)
+    refund_service_refunds_moved_aside_total             refund attempts run in a side lane
+    refund_service_refunds_refused_aside_total           refund attempts refused: every side lane taken
 
 The servicer tells the interceptor the outcome of a call with `note_outcome`
 (the response code is known there, not from the status code alone).

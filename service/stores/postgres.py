@@ -136,20 +136,21 @@ class _RefundStatements:
 
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, command_timeout: float, sequencer: outbox.Sequencer | None = None,
-                 lanes: int = group_commit.LANES, side_lanes: int = 8):
+                 lanes: int = group_commit.LANES):
         self._pool = pool
         self._timeout = command_timeout
         self._statements: _RefundStatements | None = None  # with the sequence resolved, on first use
         # Refund statements go through `lanes` lanes, one transaction each at a
         # time; refunds arriving meanwhile go together in the next (group_commit.py).
         # A lane's statements wait for a lock at most LANE_LOCK_TIMEOUT; past it their
-        # refunds run aside, waiting as long as --db-timeout allows, in at most
-        # `side_lanes` side lanes (one connection each).
+        # refunds run aside, waiting as long as --db-timeout allows, in side lanes of
+        # one connection each: at most half of those the lanes leave in the pool (the
+        # rest serve reads, declines and probes).
         bounded = functools.partial(self._refund_alone, lock_timeout=LANE_LOCK_TIMEOUT), \
             functools.partial(self._refunds_together, lock_timeout=LANE_LOCK_TIMEOUT)
         self.group_commit = group_commit.GroupCommit(*bounded, stopped=lambda: StoreUnavailable("closing"),
                                                      lanes=lanes, aside=(self._refund_alone, self._refunds_together),
-                                                     side_lanes=side_lanes)
+                                                     side_lanes=max(1, (pool.get_max_size() - lanes) // 2))
         # Numbers the journal's entries as events while this process holds the
         # sequencer's lock (service/outbox.py); stopped by close().
         self.sequencer = sequencer
@@ -177,8 +178,7 @@ class PostgresStore:
             raise StoreUnavailable(type(exc).__name__) from None
         sequencer = outbox.Sequencer(outbox.connector(url, command_timeout))
         sequencer.start()
-        # Half the connections the lanes leave for side lanes; the rest for reads, declines, probes.
-        return cls(pool, command_timeout, sequencer, lanes, side_lanes=max(1, (max_size - lanes) // 2))
+        return cls(pool, command_timeout, sequencer, lanes)
 
     @contextlib.asynccontextmanager
     async def _connection(self):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.stores.group_commit import GroupCommit, LockWaitTooLong
+from service.stores.port import StoreUnavailable
 
 
 class Lost(Exception):
@@ -315,8 +316,6 @@ def test_with_every_side_lane_taken_a_refund_that_would_need_another_is_answered
     first in its lane, or waiting in it) is answered StoreUnavailable, nothing
     written; merchant 1's later refund still joins its side lane, and merchant 3,
     not blocked, is served."""
-    from service.stores.port import StoreUnavailable
-
     database = FakeDatabase(blocked={1, 2})
     group = database.group(lanes=1, side_lanes=1)
 
@@ -361,6 +360,7 @@ def test_a_side_lanes_own_error_reaches_only_its_callers():
 
     blocked, other = run(main())
     assert isinstance(blocked, LockWaitTooLong) and other == ("S", (2, 0))
+    assert isinstance(blocked, StoreUnavailable)  # answered 9001 UNAVAILABLE, a retry is safe
 
 
 def test_when_the_first_caller_gives_up_those_waiting_behind_it_still_run():
